@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+import ml_dtypes
 from safetensors.numpy import save_file
 
 from fd_jax.models.config import ModelConfig
@@ -84,6 +84,47 @@ def _entries(cfg: ModelConfig) -> Iterator[_Entry]:
         yield _Entry(("lm_head",), "lm_head.weight", _transpose, _transpose)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class _SafetensorsFile:
+    """Reads single tensors from a .safetensors file with plain reads, never mapping the whole file.
+
+    safetensors' own `safe_open` memory-maps the file, and mapped pages stay resident for as long as the
+    file is open, which would put the whole checkpoint in host memory on top of the placed parameters.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = np.frombuffer(f.read(8), dtype="<u8")
+            header = json.loads(f.read(int(n)))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_start = 8 + int(n)
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            buffer = bytearray(end - start)
+            f.readinto(buffer)
+        return np.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
 def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     """tensor name -> safetensors file, from the index if the checkpoint is sharded."""
     index = directory / "model.safetensors.index.json"
@@ -92,8 +133,7 @@ def _weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
     if single.exists():
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _SafetensorsFile(single).keys()}
     found = sorted(p.name for p in directory.iterdir())
     raise FileNotFoundError(
         f"{directory}: no model.safetensors or model.safetensors.index.json (found {found}); fd_jax reads "
@@ -161,32 +201,30 @@ def load_hf(
     graphdef, state = nnx.split(abstract)
     variables = dict(state.flat_state())
     values = nnx.to_pure_dict(state)
-    handles: dict[pathlib.Path, object] = {}
+    handles: dict[pathlib.Path, _SafetensorsFile] = {}
     consumed = set()
-    try:
-        for entry in _entries(cfg):
-            if entry.name not in files:
-                raise ValueError(f"{directory}: tensor {entry.name!r} is missing from the checkpoint")
-            file = files[entry.name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="numpy")
-            expected = variables[entry.path].get_value().shape
-            expected_hf = entry.to_hf(np.empty(expected, np.int8)).shape
-            found = tuple(handles[file].get_slice(entry.name).get_shape())
-            if found != tuple(expected_hf):
-                raise ValueError(
-                    f"{file}: tensor {entry.name!r} has shape {found}, but config.json implies {tuple(expected_hf)}"
-                )
-            array = entry.to_fd(handles[file].get_tensor(entry.name))
-            array = np.asarray(array, dtype=jnp.dtype(param_dtype))
-            if mesh is not None:
-                value = jax.device_put(array, sharding_lib.variable_sharding(variables[entry.path], mesh))
-            else:
-                value = jax.device_put(array)
-            _set_path(values, entry.path, value)
-            consumed.add(entry.name)
-    finally:
-        handles.clear()
+    for entry in _entries(cfg):
+        if entry.name not in files:
+            raise ValueError(f"{directory}: tensor {entry.name!r} is missing from the checkpoint")
+        file = files[entry.name]
+        if file not in handles:
+            handles[file] = _SafetensorsFile(file)
+        expected = variables[entry.path].get_value().shape
+        expected_hf = entry.to_hf(np.empty(expected, np.int8)).shape
+        found = handles[file].shape(entry.name)
+        if found != tuple(expected_hf):
+            raise ValueError(
+                f"{file}: tensor {entry.name!r} has shape {found}, but config.json implies {tuple(expected_hf)}"
+            )
+        array = entry.to_fd(handles[file].read(entry.name))
+        array = np.ascontiguousarray(array, dtype=jnp.dtype(param_dtype))
+        if mesh is not None:
+            value = jax.device_put(array, sharding_lib.variable_sharding(variables[entry.path], mesh))
+        else:
+            value = jax.device_put(array)
+        _set_path(values, entry.path, value)
+        consumed.add(entry.name)
+        del array
     unexpected = [
         n for n in files
         if n not in consumed

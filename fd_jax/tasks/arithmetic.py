@@ -1,0 +1,233 @@
+"""Exact integer arithmetic: a verifiable test bed that runs the whole loop on any CPU without Lean.
+
+Problems read "Compute 4831 * 27 - 903." (usual precedence: `*` before `+`/`-`); the model answers with an
+integer. The checker knows the answer by re-evaluating the statement, so it needs no answer key, and it
+speaks the verifier interface of `fd_jax.lean.LeanVerifier` (`verify_batch`, `submit`, `close`, context
+manager) with Lean-REPL-shaped messages that say precisely what is wrong. This is a test bed for the
+training machinery; it is not theorem proving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from fd_jax.data.extraction import strip_think
+from fd_jax.data.problems import Problem
+from fd_jax.data.prompts import fill, render_chat
+from fd_jax.lean.types import INVALID, REJECTED, VALID, ProofTask, Verdict
+
+_STATEMENT = re.compile(r"^Compute (.+)\.$")
+_TOKEN = re.compile(r"\s*(\d+|[-+*])")
+_INTEGER = re.compile(r"0|-?[1-9][0-9]*")  # canonical: no "-0", no leading zeros
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticLevel:
+    """Difficulty: operands have min_digits..max_digits digits; num_ops operators drawn from `ops`."""
+
+    min_digits: int = 1
+    max_digits: int = 1
+    num_ops: int = 1
+    ops: str = "+"
+
+
+LEVELS = {
+    # "Compute 3 + 4.": a tiny random model learns it in a few hundred steps (the smoke configuration).
+    "easy": ArithmeticLevel(1, 1, 1, "+"),
+    "medium": ArithmeticLevel(1, 2, 2, "+-"),
+    "hard": ArithmeticLevel(2, 4, 2, "+-*"),  # "Compute 4831 * 27 - 903."
+}
+
+
+def make_problems(n: int, *, seed: int = 0, level: str | ArithmeticLevel = "easy") -> list[Problem]:
+    """n problems drawn from `level` (a LEVELS name or an ArithmeticLevel); the same (n, seed, level) gives
+    the same problems. ids are "arith-{seed}-{i}"."""
+    if isinstance(level, str) and level not in LEVELS:
+        raise ValueError(f"unknown arithmetic level {level!r}; known: {sorted(LEVELS)} or an ArithmeticLevel")
+    lvl = LEVELS[level] if isinstance(level, str) else level
+    valid_ops = bool(lvl.ops) and set(lvl.ops) <= set("+-*")
+    if not (1 <= lvl.min_digits <= lvl.max_digits and lvl.num_ops >= 1 and valid_ops):
+        raise ValueError(
+            f"invalid ArithmeticLevel {lvl}: need 1 <= min_digits <= max_digits, num_ops >= 1, ops in '+-*'"
+        )
+    rng = np.random.default_rng(seed)
+
+    def operand() -> int:
+        digits = int(rng.integers(lvl.min_digits, lvl.max_digits + 1))
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return int(rng.integers(low, 10**digits))
+
+    problems = []
+    for i in range(n):
+        parts = [str(operand())]
+        for _ in range(lvl.num_ops):
+            parts += [lvl.ops[int(rng.integers(len(lvl.ops)))], str(operand())]
+        problems.append(Problem(id=f"arith-{seed}-{i}", statement=f"Compute {' '.join(parts)}."))
+    return problems
+
+
+def evaluate(expression: str) -> int:
+    """Value of a `+ - *` integer expression with the usual precedence. Raises ValueError when malformed."""
+    tokens, pos = [], 0
+    while pos < len(expression.rstrip()):
+        match = _TOKEN.match(expression, pos)
+        if match is None:
+            raise ValueError(f"unexpected character {expression[pos]!r} at {pos} in {expression!r}")
+        tokens.append(match.group(1))
+        pos = match.end()
+    if len(tokens) % 2 == 0 or not all(t.isdigit() == (i % 2 == 0) for i, t in enumerate(tokens)):
+        raise ValueError(f"expected number (op number)*, got {expression!r}")
+    total, term, sign = 0, int(tokens[0]), 1
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        if op == "*":
+            term *= int(number)
+        else:
+            total += sign * term
+            sign, term = (1 if op == "+" else -1), int(number)
+    return total + sign * term
+
+
+def answer_of(statement: str) -> int:
+    """The exact answer to "Compute EXPR." Raises ValueError for any other statement."""
+    match = _STATEMENT.match(statement.strip())
+    if match is None:
+        raise ValueError(f"not an arithmetic problem (expected 'Compute EXPR.'): {statement!r}")
+    return evaluate(match.group(1))
+
+
+def _message(data: str, column: int, end_column: int) -> dict[str, Any]:
+    return {
+        "severity": "error",
+        "pos": {"line": 1, "column": column},
+        "endPos": {"line": 1, "column": end_column},
+        "data": data,
+    }
+
+
+def _describe_wrong(answer: str, expected: int, offset: int) -> dict[str, Any]:
+    """One message for a well-formed wrong answer: sign, digit count, and which digit positions differ."""
+    got, want = answer.lstrip("-"), str(abs(expected))
+    notes = []
+    if answer.startswith("-") != (expected < 0):
+        notes.append("the sign is wrong")
+    if len(got) != len(want):
+        notes.append(f"the answer has {len(got)} digit(s) but the result has {len(want)}")
+    # Digits are compared right-aligned (units with units), the way column arithmetic carries.
+    wrong = [k for k in range(1, len(got) + 1) if k > len(want) or got[-k] != want[-k]]
+    if wrong:
+        names = ", ".join(str(k) for k in wrong)
+        notes.append(f"wrong digit(s) at position(s) {names} counted from the right (1 = units)")
+    notes.append("the answer is too large" if int(answer) > expected else "the answer is too small")
+    columns = [len(answer) - k for k in wrong] or [0, len(answer) - 1]
+    data = f"wrong answer {answer}: " + "; ".join(notes)
+    return _message(data, offset + min(columns), offset + max(columns) + 1)
+
+
+def _describe_malformed(answer: str, offset: int) -> dict[str, Any]:
+    """One message for an answer that is not a canonical integer, pointing at the first bad character."""
+    sign = 1 if answer.startswith("-") else 0
+    rest = answer[sign:]
+    if rest.isdigit() and rest.startswith("0"):
+        bad, what = sign, f"a leading zero at column {offset + sign}"
+    else:
+        bad = sign + len(rest) - len(rest.lstrip("0123456789"))  # the first character after the digits
+        what = f"{answer[bad]!r} at column {offset + bad}" if bad < len(answer) else "the end of the answer"
+    data = f"malformed answer {answer[:40]!r}: expected an integer (digits, maybe a leading '-'); found {what}"
+    return _message(data, offset + bad, offset + bad + 1)
+
+
+def check_answer(statement: str, code: str) -> Verdict:
+    """Verdict for one answer: valid iff `code` (stripped) is exactly the integer value of the statement.
+
+    Messages (REPL shape, columns into `code`'s single line) say: missing answer, malformed answer (and the
+    first offending character), or for a wrong integer the sign, digit count and wrong digit positions.
+    A statement that is not "Compute EXPR." gives a `rejected` verdict naming it.
+    """
+    start = time.perf_counter()
+    try:
+        expected = answer_of(statement)
+    except ValueError as e:
+        return Verdict(REJECTED, [], time.perf_counter() - start, reason=str(e))
+    answer = code.strip()
+    offset = len(code) - len(code.lstrip())
+    if not answer:
+        messages = [_message("missing answer: write the result as an integer after 'Answer:'", 0, 0)]
+    elif not _INTEGER.fullmatch(answer):
+        messages = [_describe_malformed(answer, offset)]
+    elif int(answer) == expected:
+        messages = []
+    else:
+        messages = [_describe_wrong(answer, expected, offset)]
+    return Verdict(INVALID if messages else VALID, messages, time.perf_counter() - start)
+
+
+class ArithmeticVerifier:
+    """The arithmetic checker behind the `LeanVerifier` interface.
+
+    delay_s: seconds added per task, to stand in for a slow verifier when testing overlap (default 0).
+    """
+
+    def __init__(self, *, workers: int = 1, delay_s: float = 0.0):
+        self._delay_s = delay_s
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arith")
+
+    def verify(self, task: ProofTask) -> Verdict:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        return check_answer(task.statement, task.code)
+
+    def verify_batch(self, tasks: list[ProofTask]) -> list[Verdict]:
+        return [self.verify(task) for task in tasks]
+
+    def submit(self, tasks: list[ProofTask]) -> concurrent.futures.Future[list[Verdict]]:
+        """Check `tasks` in the background; the future holds their verdicts in order."""
+        return self._executor.submit(self.verify_batch, list(tasks))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> ArithmeticVerifier:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+ARITHMETIC_TEMPLATE = "{context}{statement}\nAnswer: "
+ARITHMETIC_CHAT_TEMPLATE = "{context}{statement}\nReply with 'Answer: ' followed by the integer."
+
+
+@dataclasses.dataclass
+class ArithmeticFormat:
+    """Prompt format of the test bed: completion style by default, a chat turn when `tokenizer` is given."""
+
+    template: str | None = None  # None: ARITHMETIC_TEMPLATE, or ARITHMETIC_CHAT_TEMPLATE with a tokenizer
+    tokenizer: Any = None
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return self.tokenizer is None
+
+    def render(self, problem: Problem, context: str = "") -> str:
+        chat = self.tokenizer is not None
+        template = self.template or (ARITHMETIC_CHAT_TEMPLATE if chat else ARITHMETIC_TEMPLATE)
+        text = fill(template, context=context, statement=problem.statement, header="", informal="")
+        return render_chat(self.tokenizer, text) if chat else text
+
+    def extract(self, problem: Problem, completion: str) -> ProofTask:
+        """The answer: the first line after the last 'Answer:' (or of the whole text when there is none)."""
+        text = strip_think(completion)
+        if "Answer:" in text:
+            text = text.rsplit("Answer:", 1)[1]
+        lines = text.strip().splitlines()
+        answer = lines[0].strip() if lines else ""
+        return ProofTask(statement=problem.statement, code=answer, header=None, id=problem.id)
+
+    def demonstration(self, task: ProofTask) -> str:
+        return f"{task.statement}\nAnswer: {task.code}"

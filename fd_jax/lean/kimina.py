@@ -1,0 +1,178 @@
+"""The `kimina` back-end: a Kimina Lean Server (project-numina/kimina-lean-server) over HTTP.
+
+`POST {base_url}/check` with `{"snippet": {"id", "code"}, "timeout", "debug", "reuse"}` answers
+`{"id", "time", "error", "response"}`: `response` is the REPL's answer to the whole snippet (header
+included; the server splits the header off and caches its environment), `error` a server-side failure
+such as "Lean REPL command timed out in 60 seconds". The older `/verify` endpoint answers
+`{"results": [{"custom_id", "error", "response"}]}`, whose items have the same two fields;
+`kimina_verdict` reads either.
+
+Only the standard library is used (`urllib.request`), one request per proof on `max_concurrency` threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from fd_jax.lean.base import ThreadedVerifier
+from fd_jax.lean.protocol import audit_verdict, classify, strip_imports
+from fd_jax.lean.screen import DEFAULT_HEADER, theorem_name
+from fd_jax.lean.types import CRASHED, TIMEOUT, VALID, ProofTask, Verdict
+
+_RETRY_STATUSES = (429, 502, 503, 504)  # "no available REPL" and gateway hiccups: worth another try
+
+
+def _shift(messages: list[dict[str, Any]], line_offset: int) -> list[dict[str, Any]]:
+    """Messages with line numbers moved from the full snippet to the submitted code (header lines -> 0)."""
+    shifted = []
+    for message in messages:
+        message = dict(message)
+        for key in ("pos", "endPos"):
+            pos = message.get(key)
+            if isinstance(pos, dict) and isinstance(pos.get("line"), int):
+                line = pos["line"] - line_offset
+                message[key] = {**pos, "line": line} if line >= 1 else {"line": 0, "column": 0}
+        shifted.append(message)
+    return shifted
+
+
+def kimina_line_offset(prefix: str, snippet: str) -> int:
+    """How many lines to subtract from a line the server reports to get a line of the code after `prefix`.
+
+    The server splits the snippet's leading `import` and blank lines off as its header and reports lines
+    of the rest; the code proper starts after the `prefix` (our header) lines.
+    """
+    lead = 0
+    for line in snippet.splitlines():
+        if line.strip() and not line.strip().startswith("import "):
+            break
+        lead += 1
+    return prefix.count("\n") - lead
+
+
+def kimina_verdict(result: dict[str, Any], *, line_offset: int = 0) -> Verdict:
+    """The verdict for one Kimina result (`{"error": ..., "response": ...}`, see the module docstring).
+
+    A server error mentioning a timeout is `timeout`, any other server error `crashed`; a REPL answer is
+    classified as by `classify` (warnings do not matter), with `line_offset` subtracted from message lines
+    (see `kimina_line_offset`; lines that fall in the header become 0).
+    """
+    if not isinstance(result, dict):
+        return Verdict(CRASHED, reason=f"Kimina result is a {type(result).__name__}, not a JSON object")
+    time_s = float(result.get("time") or 0.0)
+    if error := result.get("error"):
+        status = TIMEOUT if "timed out" in str(error).lower() or "timeout" in str(error).lower() else CRASHED
+        return Verdict(status, time_s=time_s, reason=f"Kimina server: {error}")
+    response = result.get("response")
+    if not isinstance(response, dict):
+        return Verdict(CRASHED, time_s=time_s, reason="Kimina result has neither an error nor a response")
+    verdict = classify(response)
+    verdict.messages = _shift(verdict.messages, line_offset)
+    verdict.time_s = verdict.time_s or time_s
+    return verdict
+
+
+class KiminaVerifier(ThreadedVerifier):
+    """Checks proofs on a Kimina Lean Server.
+
+    base_url: the server, e.g. "http://localhost:8000".
+    header: sent before each proof (the server caches its environment); a task's own header overrides it.
+    timeout_s: the server-side limit per proof (the server reports a timeout as an error).
+    max_concurrency: requests in flight.
+    api_key: sent as `Authorization: Bearer <key>` when set.
+    http_timeout_s: client-side limit per request (default timeout_s + 30); past it the verdict is `timeout`.
+    max_retries: extra attempts after 429/502/503/504 or a refused connection, with exponential backoff.
+    audit_axioms: append `#print axioms NAME` to the snippet and refuse non-standard axioms.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        header: str = DEFAULT_HEADER,
+        timeout_s: float = 60.0,
+        max_concurrency: int = 8,
+        api_key: str | None = None,
+        http_timeout_s: float | None = None,
+        max_retries: int = 2,
+        allow_native_decide: bool = False,
+        audit_axioms: bool = True,
+    ):
+        super().__init__(
+            header=header, max_concurrency=max_concurrency, allow_native_decide=allow_native_decide
+        )
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"KiminaVerifier: base_url must start with http:// or https://: {base_url!r}")
+        self.url = base_url.rstrip("/") + "/check"
+        self.timeout_s = timeout_s
+        self.http_timeout_s = timeout_s + 30 if http_timeout_s is None else http_timeout_s
+        self.api_key = api_key
+        self.max_retries = max_retries
+        self.audit_axioms = audit_axioms
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(payload, ensure_ascii=False).encode(errors="replace")
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.http_timeout_s) as reply:
+                    return json.loads(reply.read())
+            except urllib.error.HTTPError as err:
+                if err.code not in _RETRY_STATUSES or attempt == self.max_retries:
+                    body = err.read()[:300].decode(errors="replace")
+                    raise _ServerError(f"HTTP {err.code} from {self.url}: {body}") from None
+            except urllib.error.URLError as err:
+                if isinstance(err.reason, TimeoutError):
+                    raise
+                if attempt == self.max_retries:
+                    raise _ServerError(f"cannot reach {self.url}: {err.reason}") from None
+            except (http.client.HTTPException, ConnectionError) as err:  # dropped mid-answer
+                if attempt == self.max_retries:
+                    raise _ServerError(f"{self.url} broke the connection: {err!r}") from None
+            time.sleep(min(8.0, 0.25 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _verify_one(self, task: ProofTask, header: str) -> Verdict:
+        prefix = header if header.endswith("\n") or not header else header + "\n"
+        code = prefix + strip_imports(task.code)
+        line_offset = kimina_line_offset(prefix, code)
+        name = theorem_name(task.statement) if self.audit_axioms else None
+        audit_line = code.count("\n") + 3 - prefix.count("\n")  # in the coordinates of task.code
+        if name:
+            code += f"\n\n#print axioms {name}\n"
+        payload = {"snippet": {"id": task.id or "fd_jax", "code": code}, "timeout": math.ceil(self.timeout_s),
+                   "debug": False, "reuse": True}  # fmt: skip
+        start = time.monotonic()
+        try:
+            result = self._post(payload)
+        except (TimeoutError, urllib.error.URLError) as err:
+            why = f"no answer from {self.url}: {err}"
+            return Verdict(TIMEOUT, time_s=time.monotonic() - start, reason=why)
+        except (_ServerError, ValueError) as err:
+            return Verdict(CRASHED, time_s=time.monotonic() - start, reason=str(err))
+        if isinstance(result, dict) and isinstance(result.get("results"), list) and result["results"]:
+            result = result["results"][0]  # a server answering in the older `/verify` shape
+        verdict = kimina_verdict(result, line_offset=line_offset)
+        if name and isinstance(result, dict) and isinstance(result.get("response"), dict):
+            audit = [m for m in verdict.messages if (m.get("pos") or {}).get("line") == audit_line]
+            verdict.messages = [m for m in verdict.messages if m not in audit]
+            override = audit_verdict(name, {"messages": audit}, allow_native_decide=self.allow_native_decide)
+            if verdict.status == VALID and override is not None:
+                verdict = dataclasses.replace(override, messages=verdict.messages + override.messages,
+                                              time_s=verdict.time_s)  # fmt: skip
+        verdict.time_s = verdict.time_s or time.monotonic() - start
+        return verdict
+
+
+class _ServerError(Exception):
+    """The server answered with an HTTP error or could not be reached."""

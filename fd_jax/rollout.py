@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fd_jax import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.data.reprompt import RepromptTemplates, build_reprompt
@@ -66,19 +67,8 @@ class RolloutResult:
 
 
 def group_advantages(rewards_PG: np.ndarray, *, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
-    """`fd_jax.losses.group_advantages` when that module is present, else the same formula in numpy:
-    (r - mean_g r) / (std + eps) with std over the group ("group"), the batch ("batch") or 1 ("none")."""
-    try:
-        from fd_jax.losses import group_advantages as losses_group_advantages
-    except ImportError:
-        centred_PG = rewards_PG - rewards_PG.mean(axis=1, keepdims=True)
-        if scale == "none":
-            return centred_PG
-        if scale not in ("group", "batch"):
-            raise ValueError(f"scale_rewards must be one of group | batch | none, got {scale!r}")
-        std = rewards_PG.std(axis=1, keepdims=True) if scale == "group" else rewards_PG.std()
-        return centred_PG / (std + eps)
-    return np.asarray(losses_group_advantages(rewards_PG, scale=scale, eps=eps), np.float32)
+    """`fd_jax.losses.group_advantages` on host arrays: (r - mean_g r) / (std + eps), as float32 numpy."""
+    return np.asarray(losses.group_advantages(np.asarray(rewards_PG, np.float32), scale=scale, eps=eps), np.float32)
 
 
 def feedback_messages(verdict: Verdict) -> list[dict[str, Any]]:

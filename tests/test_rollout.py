@@ -104,8 +104,9 @@ def test_teacher_and_student_score_the_same_completion_tokens(tmp_path):
 
     rewards_PG = np.array([[1, 0, 1, 0]] * 3, np.float32)
     assert batch.rewards_B.tolist() == rewards_PG.reshape(-1).tolist()
-    # Mean 0.5 and std 0.5 in every group: advantages are +-1 up to eps.
-    np.testing.assert_allclose(batch.advantages_B, np.tile([1, -1, 1, -1], 3) * 0.5 / (0.5 + 1e-4), rtol=1e-5)
+    # Mean 0.5 in every group and the unbiased std (as TRL's torch.std) sqrt(1/3).
+    np.testing.assert_allclose(batch.advantages_B, np.tile([1, -1, 1, -1], 3) * 0.5 / (np.sqrt(1 / 3) + 1e-4),
+                               rtol=1e-5)
     # Failed rows are distilled with Lean-style feedback in their reprompt; solved rows are not.
     assert batch.distill_mask_B.tolist() == [0.0, 1.0, 0.0, 1.0] * 3
     for b in range(B):

@@ -1,0 +1,202 @@
+"""Evaluate a model: pass@k, policy entropy and proof diversity, written as a JSON report and a PNG plot.
+
+    # miniF2F test with a local Lean pool (paths printed by scripts/setup_lean.sh)
+    python scripts/evaluate.py --model DIR --n 32 --k 1,8,32 --max_new_tokens 2048 --out runs/eval \
+        --repl_command "lake env /opt/repl/.lake/build/bin/repl" --lean_cwd /opt/mathlib4 --workers 15
+    # the arithmetic test bed, on any CPU
+    python scripts/evaluate.py --model DIR --task arithmetic --n 8 --k 1,2,4,8 --out runs/eval
+    # overlay earlier reports on this run's plot
+    python scripts/evaluate.py ... --name FD --compare GRPO=runs/grpo/report.json,FD-GRPO=runs/fdg/report.json
+
+`--out` receives report.json, pass_at_k.png and samples.jsonl (every completion with its verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import shlex
+import sys
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from a checkout, without installing
+
+LOG = logging.getLogger("evaluate")
+DEFAULT_PROBLEMS = REPO_ROOT.parent / "shared" / "data" / "minif2f.jsonl"
+DEFAULT_PROMPT_FORMATS = {"lean": "lean_completion", "arithmetic": "arithmetic"}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8,32, got {text!r}") from None
+
+
+def _named_paths(text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[,NAME=PATH...], got {text!r}")
+    return {name: path for name, path in pairs}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = parser.add_argument_group("model (one of)")
+    source.add_argument("--model", help="a Hugging Face model directory (config.json, safetensors, tokenizer)")
+    source.add_argument("--checkpoint", help="a trainer workdir: evaluates its latest (or --step) checkpoint")
+    source.add_argument("--step", type=int, default=None, help="checkpoint step with --checkpoint (default: latest)")
+    source.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+    data = parser.add_argument_group("problems")
+    data.add_argument("--task", default="lean", choices=["lean", "arithmetic"])
+    data.add_argument("--problems", default=str(DEFAULT_PROBLEMS), help="problem file (task lean)")
+    data.add_argument("--problem_format", default="minif2f", help="loader: minif2f | lean_workbook")
+    data.add_argument("--split", default="test", help="split to keep ('' keeps every row)")
+    data.add_argument("--num_problems", type=int, default=0, help="first N problems only (0 = all); "
+                      "for task arithmetic, how many to generate (default 32)")
+    data.add_argument("--level", default="easy", help="arithmetic difficulty (easy | medium | hard)")
+    data.add_argument("--problem_seed", type=int, default=1234, help="seed of the generated arithmetic problems")
+    data.add_argument("--prompt_format", default=None,
+                      help="lean_completion | lean_chat | arithmetic | arithmetic_chat (default by task)")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--n", type=int, default=32, help="samples per problem")
+    sampling.add_argument("--k", type=_int_list, default=[1, 8, 32], help="k values of pass@k (each <= n)")
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top_p", type=float, default=1.0)
+    sampling.add_argument("--top_k", type=int, default=0)
+    sampling.add_argument("--max_new_tokens", type=int, default=2048)
+    sampling.add_argument("--stop", default="", help="comma-separated stop strings (besides the EOS token)")
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--batch_problems", type=int, default=8, help="problems per generate call (0 = all)")
+    sampling.add_argument("--no_entropy", action="store_true", help="skip the teacher-forced entropy pass")
+    sampling.add_argument("--entropy_batch_rows", type=int, default=8,
+                          help="completions per entropy forward pass (lower it if that pass runs out of memory)")
+
+    lean = parser.add_argument_group("Lean verifier (task lean)")
+    lean.add_argument("--lean_backend", default="local", choices=["local", "kimina"])
+    lean.add_argument("--repl_command", default="lake env repl", help="command that starts one Lean REPL")
+    lean.add_argument("--lean_cwd", default=None, help="the Mathlib project the REPL runs in")
+    lean.add_argument("--workers", type=int, default=None, help="REPL processes (default: cores - 1)")
+    lean.add_argument("--timeout_s", type=float, default=60.0, help="wall-clock limit per proof")
+    lean.add_argument("--memory_limit_mb", type=int, default=16384, help="address-space limit per REPL (0: none)")
+    lean.add_argument("--kimina_url", default="http://localhost:8000", help="Kimina Lean Server (backend kimina)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="directory for report.json, pass_at_k.png, samples.jsonl")
+    output.add_argument("--name", default=None, help="this run's label in the plot (default: the model's name)")
+    output.add_argument("--compare", type=_named_paths, default={},
+                        help="other runs to overlay: NAME=path/to/report.json,...")
+    output.add_argument("--progress", default=None, action=argparse.BooleanOptionalAction,
+                        help="progress bar (default: only on a terminal)")
+    return parser
+
+
+def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) from --model, or from --checkpoint through the trainer."""
+    import jax.numpy as jnp
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if args.checkpoint:
+        # Hook for trainer checkpoints: `fd_jax.trainer.restore_policy(workdir, step=None, dtype=...)
+        # -> (model, tokenizer)` rebuilds the policy of a workdir's orbax checkpoint.
+        try:
+            from fd_jax.trainer import restore_policy
+        except ImportError:
+            raise SystemExit(f"--checkpoint {args.checkpoint}: this fd_jax has no fd_jax.trainer.restore_policy; "
+                             f"export the checkpoint with fd_jax.models.save_hf and pass --model DIR") from None
+        model, tokenizer = restore_policy(args.checkpoint, step=args.step, dtype=dtype)
+        return model, tokenizer, pathlib.Path(args.checkpoint).name
+    import transformers
+
+    from fd_jax.models import load_hf
+
+    model, _ = load_hf(args.model, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    return model, tokenizer, pathlib.Path(args.model).resolve().name
+
+
+def load_task(args: argparse.Namespace, tokenizer: Any):
+    """(problems, prompt format, verifier, count lemmas?) for --task."""
+    from fd_jax.data import get_prompt_format, load_problems
+
+    fmt_name = args.prompt_format or DEFAULT_PROMPT_FORMATS[args.task]
+    # The arithmetic format becomes a chat turn when it is given the tokenizer; lean_chat always needs it.
+    registry_name = "arithmetic" if fmt_name == "arithmetic_chat" else fmt_name
+    fmt = get_prompt_format(registry_name, **({"tokenizer": tokenizer} if fmt_name.endswith("_chat") else {}))
+    if args.task == "arithmetic":
+        from fd_jax.tasks.arithmetic import ArithmeticVerifier, make_problems
+
+        problems = make_problems(args.num_problems or 32, seed=args.problem_seed, level=args.level)
+        return problems, fmt, ArithmeticVerifier(), False
+
+    path = pathlib.Path(args.problems)
+    if not path.is_file():
+        raise SystemExit(f"--problems {path}: no such file (miniF2F ships in ../shared/data, or pass a JSONL)")
+    problems = load_problems(path, format=args.problem_format, split=args.split or None)
+    if not problems:
+        raise SystemExit(f"--problems {path}: no rows with split {args.split!r}; use --split '' to keep all")
+    if args.num_problems:
+        problems = problems[: args.num_problems]
+    from fd_jax.lean import get_verifier
+
+    if args.lean_backend == "kimina":
+        verifier = get_verifier("kimina", base_url=args.kimina_url, timeout_s=args.timeout_s,
+                                max_concurrency=args.workers or 8)
+    else:
+        verifier = get_verifier("local", repl_command=shlex.split(args.repl_command), workers=args.workers,
+                                timeout_s=args.timeout_s, memory_limit_mb=args.memory_limit_mb or None,
+                                cwd=args.lean_cwd)
+    return problems, fmt, verifier, True
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("fd_jax", LOG.name):  # our progress lines, without every library's INFO chatter
+        logging.getLogger(name).setLevel(logging.INFO)
+    if bool(args.model) == bool(args.checkpoint):
+        raise SystemExit("give exactly one of --model DIR or --checkpoint WORKDIR")
+    if args.n < max(args.k):
+        raise SystemExit(f"--k {max(args.k)} is larger than --n {args.n}: pass@k needs n >= k samples")
+    compare = {}
+    for label, path in args.compare.items():
+        if not pathlib.Path(path).is_file():
+            raise SystemExit(f"--compare {label}={path}: no such report file")
+        compare[label] = json.loads(pathlib.Path(path).read_text())
+
+    from fd_jax import evaluation
+
+    model, tokenizer, model_name = load_policy(args)
+    problems, fmt, verifier, lemmas = load_task(args, tokenizer)
+    with verifier:
+        report = evaluation.evaluate(
+            problems, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier, n=args.n, ks=args.k,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, seed=args.seed, stop_strings=[s for s in args.stop.split(",") if s],
+            batch_problems=args.batch_problems, entropy=not args.no_entropy,
+            entropy_batch_rows=args.entropy_batch_rows, lemmas=lemmas, keep_samples=True,
+            progress=args.progress,
+        )  # fmt: skip
+    report["model"] = args.model or args.checkpoint
+    report["task"] = args.task
+    report["problems_source"] = args.problems if args.task == "lean" else f"arithmetic:{args.level}"
+    name = args.name or model_name
+    paths = evaluation.write_report(report, args.out, name=name)
+    if compare:
+        report_only = json.loads(pathlib.Path(paths["report"]).read_text())
+        evaluation.plot_pass_at_k({name: report_only, **compare}, paths["plot"])
+    summary = ", ".join(f"pass@{k} {v:.3f}" for k, v in report["pass_at_k"].items())
+    entropy = "n/a" if report["entropy"] is None else f"{report['entropy']:.3f} nats"
+    LOG.info("%s on %d problems: %s; entropy %s; wrote %s", name, len(problems), summary, entropy,
+                 ", ".join(paths.values()))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Benchmark: value-and-grad of `fused_divergence` against `reference_divergence` (materialised logits).
+
+    python benchmarks/token_kl.py [--quick] [--reps 5] [--mode full] [--alpha 1.0]
+
+Per shape (N tokens, D, V) and input dtype (f32, bf16): XLA's compiled temporary memory
+(`memory_analysis().temp_size_in_bytes`) and the median wall time of value-and-grad w.r.t. the student
+hidden states and W, the two functions run alternately (A B A B) in one process, every array passed as an
+argument (captured arrays would be constants that XLA folds). Prints one JSON object with the ratios
+fused / reference and the targets (memory <= 5%, time <= 0.8 in f32 and <= 0.6 with bf16 inputs).
+Process CPU seconds are reported beside wall seconds: the fused version does 1.5x the naive version's
+matmul work but keeps both cores busy, while the naive one spends much of its time in memory-bound passes
+over [N, V] arrays, so its wall-time lead needs an otherwise idle machine; on a shared one, read the CPU
+ratio too.
+
+On a GPU or TPU a second section times the fused engines (XLA scans, and Pallas where it runs) at a
+larger bf16 shape and reports achieved FLOP/s as a fraction of the chip's bf16 peak. FLOPs counted: the
+six [N, D] x [D, V] matmuls of the fused method (student and teacher logits forward, both again in the
+backward, d_h and dW), 12 N D V in all; the JSD and the Pallas backward do more work than counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fd_jax.kernels import token_kl, token_kl_xla
+
+SHAPES = {"S": (2048, 256, 32768), "L": (2048, 576, 49152)}  # L: SmolLM2-135M's D and V
+ACCEL_SHAPE = (8192, 2048, 151936)  # a Qwen-sized vocabulary
+TARGET_MEMORY = 0.05
+TARGET_TIME = {"float32": 0.8, "bfloat16": 0.6}
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12,
+                   "TPU v5": 459e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
+
+
+def _inputs(num: int, dim: int, vocab: int, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hs = rng.normal(size=(num, dim)).astype(np.float32) / np.sqrt(dim) * 4
+    ht = hs + rng.normal(size=(num, dim)).astype(np.float32) / np.sqrt(dim)
+    w = rng.normal(size=(dim, vocab)).astype(np.float32)
+    mask = (rng.random(num) < 0.9).astype(np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (hs, ht, w)) + (jnp.asarray(mask),)
+
+
+def _value_and_grad(divergence_fn, **kwargs):
+    def run(hs, ht, w, mask):
+        def loss(hs, w):
+            return jnp.sum(divergence_fn(hs, ht, w, mask, **kwargs)) / hs.shape[0]
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, w)
+    return jax.jit(run)
+
+
+def _temp_bytes(fn, args) -> int:
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _interleaved_medians(fns: dict, args, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall seconds and median process CPU seconds (all threads) per function. CPU time is the
+    steadier figure on a shared machine, where wall time also counts time spent descheduled."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn(*args))
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = statistics.median
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
+
+
+def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float) -> list[dict]:
+    rows = []
+    for shape_name in shapes:
+        num, dim, vocab = SHAPES[shape_name]
+        for dtype in dtypes:
+            args = _inputs(num, dim, vocab, dtype)
+            kw = dict(alpha=alpha, mode=mode, top_k=64 if mode == "topk" else None)
+            fns = {"reference": _value_and_grad(token_kl.reference_divergence, **kw),
+                   "fused": _value_and_grad(token_kl.fused_divergence, backend="xla", **kw)}
+            mem = {name: _temp_bytes(fn, args) for name, fn in fns.items()}
+            secs, cpu = _interleaved_medians(fns, args, reps)
+            mem_ratio = mem["fused"] / mem["reference"]
+            time_ratio = secs["fused"] / secs["reference"]
+            dtype_name = jnp.dtype(dtype).name
+            rows.append({
+                "shape": shape_name, "N": num, "D": dim, "V": vocab, "dtype": dtype_name,
+                "reference_temp_MiB": round(mem["reference"] / 2**20, 1),
+                "fused_temp_MiB": round(mem["fused"] / 2**20, 1),
+                "memory_ratio": round(mem_ratio, 4),
+                "reference_s": round(secs["reference"], 4), "fused_s": round(secs["fused"], 4),
+                "time_ratio": round(time_ratio, 3),
+                "reference_cpu_s": round(cpu["reference"], 4), "fused_cpu_s": round(cpu["fused"], 4),
+                "cpu_time_ratio": round(cpu["fused"] / cpu["reference"], 3),
+                "meets_targets": bool(mem_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME[dtype_name]),
+            })
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def _peak_flops() -> tuple[str, float | None]:
+    kind = jax.devices()[0].device_kind
+    matches = [name for name in BF16_PEAK_FLOPS if name.lower() in kind.lower()]
+    return kind, BF16_PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def accelerator_section(reps: int, mode: str, alpha: float) -> dict:
+    """Fused engines on the accelerator: wall time, FLOP/s and fraction of the bf16 peak."""
+    num, dim, vocab = ACCEL_SHAPE
+    args = _inputs(num, dim, vocab, jnp.bfloat16)
+    kind, peak = _peak_flops()
+    flops = 12.0 * num * dim * vocab
+    kw = dict(alpha=alpha, mode=mode, top_k=64 if mode == "topk" else None)
+    fns, skipped = {}, {}
+    for backend in ("xla", "pallas"):
+        try:
+            fn = _value_and_grad(token_kl.fused_divergence, backend=backend, **kw)
+            fn.lower(*args)
+            fns[backend] = fn
+        except ValueError as err:  # the engine does not run on this platform or mode
+            skipped[backend] = str(err)
+    secs, _ = _interleaved_medians(fns, args, reps)
+    out = {"device": kind, "bf16_peak_flops": peak, "N": num, "D": dim, "V": vocab, "skipped": skipped}
+    for backend, sec in secs.items():
+        out[backend] = {"s": round(sec, 4), "flops_per_s": flops / sec,
+                        "fraction_of_bf16_peak": None if peak is None else round(flops / sec / peak, 3)}
+    if "xla" in secs and "pallas" in secs:
+        out["pallas_speedup_over_xla"] = round(secs["xla"] / secs["pallas"], 3)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shape S only, 2 repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per function (default 5)")
+    parser.add_argument("--mode", default="full", choices=("full", "topk", "sampled_token"))
+    parser.add_argument("--alpha", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 5)
+    shapes = ("S",) if args.quick else ("S", "L")
+    result = {
+        "benchmark": "token_kl value_and_grad, fused vs reference",
+        "backend": jax.default_backend(), "jax": jax.__version__, "reps": reps, "mode": args.mode,
+        "alpha": args.alpha, "xla_blocks": list(token_kl_xla.DEFAULT_BLOCKS),
+        "targets": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
+        "cases": cpu_section(shapes, (jnp.float32, jnp.bfloat16), reps, args.mode, args.alpha),
+    }
+    if jax.default_backend() in ("gpu", "tpu"):
+        result["accelerator"] = accelerator_section(reps, args.mode, args.alpha)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

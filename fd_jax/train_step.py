@@ -1,0 +1,281 @@
+"""The one jitted update: teacher and student forward passes to final hidden states, the fused token-level
+kernel, the FD and GRPO losses, gradients through the student only, AdamW, and the teacher update.
+
+The step is a pure function of (TrainState, batch); the trainer owns everything else. Teacher kinds:
+
+* `ema`: φ ← (1 − τ)·φ + τ·θ after every optimizer step, inside the same jitted call;
+* `live`: φ = θ (no teacher parameters are stored); with `fuse_live_passes` student and teacher rows run as
+  one forward pass over the concatenated batch;
+* `base`: φ = θ₀, frozen.
+
+Micro-batches (`micro_batches` > 1) are accumulated with `lax.scan`; each micro-batch's loss is weighted by
+its share of the whole batch's normaliser (tokens, rows, ...), so k micro-batches give the update of one
+batch up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fd_jax import losses
+from fd_jax.kernels import token_kl
+
+TEACHERS = ("ema", "live", "base")
+
+BATCH_FIELDS = (
+    "student_tokens_BS", "student_positions_BS", "teacher_tokens_BU", "teacher_positions_BU",
+    "completion_tokens_BC", "completion_mask_BC", "student_index_BC", "teacher_index_BC",
+    "old_logprobs_BC", "advantages_B", "distill_mask_B",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    distill_weight: float = 1.0  # w in (1 - w)·L_GRPO + w·L_FD: 1 = FD, 0 = GRPO
+    teacher: str = "ema"  # ema | live | base
+    ema_tau: float = 0.05  # EMA rate of the teacher
+    fuse_live_passes: bool = True  # live teacher: one forward over student + teacher rows
+    alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: generalized JSD
+    distill_mode: str = "full"  # full | topk | sampled_token
+    top_k: int = 20  # support size of distill_mode=topk
+    add_tail: bool = True  # topk: add the tail bucket log(1 - Σp) instead of renormalising
+    is_clip: float = 2.0  # FD importance weights min(exp(logp - old_logp), is_clip)
+    loss_agg: str = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
+    loss_agg_constant: float | None = None  # the normaliser of loss_agg=constant (None: rows x C of the batch)
+    loss_type: str = "dapo"  # GRPO family: grpo | dr_grpo | dapo | bnpo
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    max_completion_length: int | None = None  # dr_grpo's constant normaliser (default: C of the batch)
+    beta: float = 0.0  # weight of the k3 KL to the reference (base) policy in GRPO
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many along rows
+    token_chunk: int = token_kl.DEFAULT_TOKEN_CHUNK
+    vocab_tile: int = token_kl.DEFAULT_VOCAB_TILE
+    kernel_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"step.teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"step.distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not 0.0 < self.ema_tau <= 1.0:
+            raise ValueError(f"step.ema_tau must be in (0, 1], got {self.ema_tau}")
+        if self.micro_batches < 1:
+            raise ValueError(f"step.micro_batches must be >= 1, got {self.micro_batches}")
+
+
+class TrainState(NamedTuple):
+    """Everything an update reads and writes. `teacher` is None for a live teacher; `ref` (θ₀, for the
+    GRPO KL penalty) is None unless beta > 0 and the teacher is not `base` (which is θ₀ itself)."""
+
+    step: jax.Array
+    params: nnx.State
+    teacher: nnx.State | None
+    ref: nnx.State | None
+    opt_state: Any
+
+
+def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation, cfg: StepConfig) -> TrainState:
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  (separate buffers: params get donated)
+    teacher = None if cfg.teacher == "live" else copy(params)
+    ref = copy(params) if cfg.beta > 0 and cfg.teacher != "base" else None
+    return TrainState(jnp.zeros((), jnp.int32), params, teacher, ref, optimizer.init(params))
+
+
+def _gather_BCD(hidden_BTD, index_BC):
+    return jnp.take_along_axis(hidden_BTD, index_BC[:, :, None], axis=1)
+
+
+def _pad_to(x_BT, length, value):
+    return jnp.pad(x_BT, ((0, 0), (0, length - x_BT.shape[1])), constant_values=value)
+
+
+def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
+    """(student h_BCD, teacher h_BCD) at the positions that predict the completion tokens."""
+    student = nnx.merge(graphdef, params)
+    if cfg.teacher == "live" and cfg.fuse_live_passes:
+        b = mb["student_tokens_BS"].shape[0]
+        t = max(mb["student_tokens_BS"].shape[1], mb["teacher_tokens_BU"].shape[1])
+        tokens = jnp.concatenate([_pad_to(mb["student_tokens_BS"], t, 0), _pad_to(mb["teacher_tokens_BU"], t, 0)])
+        positions = jnp.concatenate(
+            [_pad_to(mb["student_positions_BS"], t, -1), _pad_to(mb["teacher_positions_BU"], t, -1)]
+        )
+        hidden = student.hidden_states(tokens, positions)
+        hs = _gather_BCD(hidden[:b], mb["student_index_BC"])
+        ht = _gather_BCD(hidden[b:], mb["teacher_index_BC"])
+        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
+    teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+    hs = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+    ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]), mb["teacher_index_BC"])
+    return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
+
+
+def _denominator(kind: str, mask_BC, *, max_completion_length: int, constant: float | None):
+    """The normaliser of each aggregation: the loss is (sum of per-token terms) / this, except `grpo` and
+    `seq_mean`, which average per-row means (rows for grpo, distilled rows for seq_mean). Being counts,
+    they add up over micro-batches, which is what makes accumulation exact."""
+    if kind in ("dapo", "bnpo", "token_mean"):
+        return jnp.sum(mask_BC)
+    if kind == "grpo":
+        return jnp.asarray(mask_BC.shape[0], jnp.float32)
+    if kind == "dr_grpo":
+        return jnp.asarray(mask_BC.shape[0] * max_completion_length, jnp.float32)
+    if kind == "seq_mean":
+        return jnp.sum(jnp.sum(mask_BC, axis=1) > 0).astype(jnp.float32)
+    if kind == "constant":
+        return jnp.asarray(mask_BC.size if constant is None else constant, jnp.float32)
+    raise ValueError(f"unknown loss aggregation {kind!r}")
+
+
+def _normalisers(mb, cfg: StepConfig):
+    c = mb["completion_mask_BC"].shape[1]
+    mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
+    distill_BC = mask_BC * mb["distill_mask_B"][:, None]
+    length = cfg.max_completion_length or c
+    return {
+        "grpo": _denominator(cfg.loss_type, mask_BC, max_completion_length=length, constant=cfg.loss_agg_constant),
+        "fd": _denominator(cfg.loss_agg, distill_BC, max_completion_length=length, constant=cfg.loss_agg_constant),
+    }
+
+
+def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig):
+    """The loss of one micro-batch, already scaled by its share of the whole batch, and its metrics as sums
+    (weighted by tokens) and maxima, to be combined over micro-batches."""
+    b, c = mb["completion_tokens_BC"].shape
+    mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
+    ids_N = mb["completion_tokens_BC"].reshape(-1)
+    old_logp_BC = mb["old_logprobs_BC"].astype(jnp.float32)
+    distill_BC = mask_BC * mb["distill_mask_B"][:, None]
+    w = cfg.distill_weight
+    kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
+
+    if w > 0:
+        hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
+        d = hs_BCD.shape[-1]
+        stats = token_kl.fused_token_stats(
+            hs_BCD.reshape(-1, d), ht_BCD.reshape(-1, d), w_DV, mask_BC.reshape(-1), ids_N,
+            w_teacher=w_teacher_DV, alpha=cfg.alpha, mode=cfg.distill_mode,
+            top_k=cfg.top_k if cfg.distill_mode == "topk" else None, add_tail=cfg.add_tail, **kernel)
+        logp_N, entropy_N, divergence_BC = stats.logprob, stats.entropy, stats.divergence.reshape(b, c)
+    else:  # GRPO alone: no teacher pass at all
+        student = nnx.merge(graphdef, params)
+        h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
+                            mb["student_index_BC"])
+        logp_N, entropy_N = token_kl.token_logprobs_and_entropy(
+            h_BCD.reshape(b * c, -1), student.unembedding, ids_N, mask_BC.reshape(-1), **kernel)
+        divergence_BC = jnp.zeros((b, c), jnp.float32)
+    logp_BC, entropy_BC = logp_N.reshape(b, c), entropy_N.reshape(b, c)
+
+    shares = _normalisers(mb, cfg)
+    loss = jnp.zeros((), jnp.float32)
+    sums = {"tokens": jnp.sum(mask_BC), "distill_tokens": jnp.sum(distill_BC),
+            "entropy": jnp.sum(entropy_BC * mask_BC), "kl": jnp.sum(divergence_BC * distill_BC)}
+    maxes = {"kl_max": jnp.max(jnp.where(distill_BC > 0, divergence_BC, 0.0))}
+    if w < 1:
+        ref_logp_BC = None
+        if cfg.beta > 0:
+            ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
+            h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
+                                mb["student_index_BC"])
+            ref_logp_N, _ = token_kl.token_logprobs_and_entropy(
+                h_ref.reshape(b * c, -1), ref.unembedding, ids_N, mask_BC.reshape(-1), **kernel)
+            ref_logp_BC = jax.lax.stop_gradient(ref_logp_N.reshape(b, c))
+        grpo, grpo_metrics = losses.policy_loss_and_metrics(
+            logp_BC, old_logp_BC, mb["advantages_B"], mask_BC, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length or c, beta=cfg.beta, ref_logp_BT=ref_logp_BC)
+        grpo = grpo * shares["grpo"] / totals["grpo"]
+        loss += (1 - w) * grpo
+        sums["grpo_loss"] = grpo
+        sums.update({f"grpo/{k}": v * sums["tokens"] for k, v in grpo_metrics.items() if not k.endswith("_max")})
+        maxes.update({f"grpo/{k}": v for k, v in grpo_metrics.items() if k.endswith("_max")})
+    if w > 0:
+        fd, fd_metrics = losses.fd_loss_and_metrics(
+            divergence_BC, logp_BC, old_logp_BC, distill_BC, is_clip=cfg.is_clip, loss_agg=cfg.loss_agg,
+            normaliser=cfg.loss_agg_constant)
+        fd = fd * shares["fd"] / totals["fd"]
+        loss += w * fd
+        sums["fd_loss"] = fd
+        for k in ("fd/is_weight_mean", "fd/is_clip_frac"):
+            sums[k] = fd_metrics[k] * sums["distill_tokens"]
+        maxes["fd/is_weight_max"] = fd_metrics["fd/is_weight_max"]
+    return loss, (sums, maxes)
+
+
+def _split_micro(batch, k):
+    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A jitted `step(state, batch) -> (state, metrics)`; `batch` holds the arrays named in BATCH_FIELDS.
+
+    The state is donated: its buffers are reused for the new state.
+    """
+
+    loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}
+        b = batch["completion_tokens_BC"].shape[0]
+        if b % cfg.micro_batches:
+            raise ValueError(f"batch rows {b} are not divisible by step.micro_batches={cfg.micro_batches}")
+        totals = jax.tree.map(lambda x: jnp.maximum(x, 1e-9), _normalisers(batch, cfg))
+
+        def accumulate(carry, mb):
+            grads, sums, maxes = carry
+            (_, (mb_sums, mb_maxes)), mb_grads = grad_fn(state.params, state.teacher, state.ref, mb, totals)
+            return (jax.tree.map(jnp.add, grads, mb_grads), jax.tree.map(jnp.add, sums, mb_sums),
+                    jax.tree.map(jnp.maximum, maxes, mb_maxes)), None
+
+        micro = _split_micro(batch, cfg.micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, (sums0, maxes0) = jax.eval_shape(lambda: loss_fn(state.params, state.teacher, state.ref, first, totals))
+        init = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0),
+            jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), maxes0),
+        )
+        (grads, sums, maxes), _ = jax.lax.scan(accumulate, init, micro)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        teacher = state.teacher
+        if cfg.teacher == "ema":
+            tau = cfg.ema_tau
+            teacher = jax.tree.map(lambda phi, theta: ((1 - tau) * phi + tau * theta).astype(phi.dtype),
+                                   teacher, params)
+        tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+        distill_tokens = jnp.maximum(sums.pop("distill_tokens"), 1.0)
+        metrics = {
+            "loss": (1 - cfg.distill_weight) * sums.get("grpo_loss", 0.0) + cfg.distill_weight * sums.get("fd_loss", 0.0),
+            "entropy": sums.pop("entropy") / tokens,
+            "kl_mean": sums.pop("kl") / distill_tokens,
+            "grad_norm": optax.global_norm(grads),
+            "completion_tokens": tokens,
+            "distill_tokens": distill_tokens,
+            **maxes,
+        }
+        for key, value in sums.items():
+            if key.startswith("grpo/"):
+                metrics[key] = value / tokens
+            elif key.startswith("fd/"):
+                metrics[key] = value / distill_tokens
+            else:
+                metrics[key] = value
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = learning_rate_fn(state.step)
+        return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=0)

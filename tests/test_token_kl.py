@@ -1,0 +1,300 @@
+"""The fused token divergence against its naive reference, and the reference against finite differences.
+
+Tiny shapes (N=12 tokens, D=8, V=40) with token chunks of 5 and vocabulary tiles of 16, so that tokens are
+padded and the last vocabulary tile is ragged. Every compiled function takes all arrays (including the
+output cotangents) as arguments, so the tests that only change values reuse one compilation per setting.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fd_jax.kernels import token_kl as tk
+from fd_jax.kernels.divergences import categorical_divergence
+
+N, D, V, TOP_K = 12, 8, 40, 5
+CHUNKS = dict(token_chunk=5, vocab_tile=16)
+SETTINGS = (
+    [("full", a, False) for a in (0.0, 0.5, 1.0)]
+    + [("topk", a, tail) for a in (0.0, 0.5, 1.0) for tail in (False, True)]
+    + [("sampled_token", 1.0, False)]
+)
+IDS = [f"{m}-a{a}{'-tail' if t else ''}" for m, a, t in SETTINGS]
+PALLAS_MODES = ("full", "sampled_token")
+
+
+def _data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hs = rng.normal(size=(N, D)).astype(np.float32)
+    ht = (hs + 0.7 * rng.normal(size=(N, D))).astype(np.float32)  # a teacher close enough to be realistic
+    w = rng.normal(size=(D, V)).astype(np.float32)
+    mask = (np.arange(N) % 5 != 3).astype(np.float32)  # tokens 3 and 8 are padding
+    ids = rng.integers(0, V, size=N).astype(np.int32)
+    cts = rng.normal(size=(3, N)).astype(np.float32)  # cotangents of divergence, logprob, entropy
+    return hs, ht, w, mask, ids, cts
+
+
+DATA = _data()
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grads(impl: str, mode: str, alpha: float, add_tail: bool, token_chunk=5, vocab_tile=16):
+    """jit(hs, ht, w, mask, ids, cts) -> (stats, (d hs, d ht, d w)) of L = Σ cts · stats."""
+    kw = dict(alpha=alpha, mode=mode, top_k=TOP_K, add_tail=add_tail)
+    if impl == "reference":
+        stats_fn = functools.partial(tk.reference_token_stats, **kw)
+    else:
+        stats_fn = functools.partial(tk.fused_token_stats, backend=impl, token_chunk=token_chunk,
+                                     vocab_tile=vocab_tile, **kw)
+
+    def loss(hs, ht, w, mask, ids, cts):
+        stats = stats_fn(hs, ht, w, mask, ids)
+        return sum(jnp.sum(c * x.astype(jnp.float32)) for c, x in zip(cts, stats)), stats
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(lambda *args: (lambda out: (out[0][1], out[1]))(grad(*args)))
+
+
+def _run(impl, setting, data=DATA, **chunks):
+    stats, grads = _value_and_grads(impl, *setting, **chunks)(*data)
+    return [np.asarray(x, np.float32) for x in stats], [np.asarray(g, np.float32) for g in grads]
+
+
+def _close(got, want, what, rtol=2e-5, atol=2e-5):
+    for name, g, w in zip(what, got, want):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+def test_fused_and_pallas_equal_reference(setting):
+    ref_stats, ref_grads = _run("reference", setting)
+    impls = ["xla"] + (["pallas"] if setting[0] in PALLAS_MODES else [])
+    for impl in impls:
+        stats, grads = _run(impl, setting)
+        _close(stats, ref_stats, [f"{impl} {k}" for k in tk.TokenStats._fields])
+        _close([grads[0], grads[2]], [ref_grads[0], ref_grads[2]], [f"{impl} d_h_student", f"{impl} d_w"])
+        np.testing.assert_array_equal(grads[1], 0.0, err_msg=f"{impl}: gradient reached the teacher")
+    mask = DATA[3]
+    for x in ref_stats:  # masked tokens: no value ...
+        np.testing.assert_array_equal(x[mask == 0], 0.0)
+    np.testing.assert_array_equal(ref_grads[0][mask == 0], 0.0)  # ... and no gradient
+    if setting[0] != "sampled_token":  # a divergence, not an estimate: never negative
+        assert ref_stats[0].min() >= -1e-6
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s[0] != "sampled_token"], ids=IDS[:-1])
+def test_divergence_vanishes_when_teacher_is_student(setting):
+    hs, _, w, mask, ids, cts = DATA
+    only_div = cts * np.array([[1.0], [0.0], [0.0]], np.float32)
+    stats, grads = _run("xla", setting, (hs, hs, w, mask, ids, only_div))
+    np.testing.assert_allclose(stats[0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(grads[0], 0.0, atol=1e-5)  # a minimum: zero gradient too
+    np.testing.assert_allclose(grads[2], 0.0, atol=1e-5)
+
+
+def test_masked_tokens_do_not_move_the_gradient():
+    hs, ht, w, mask, ids, cts = DATA
+    junk = np.where(mask[:, None] == 0, 50.0, hs).astype(np.float32)
+    for setting in (("full", 0.5, False), ("topk", 1.0, True)):
+        _, grads = _run("xla", setting)
+        _, grads_junk = _run("xla", setting, (junk, ht, w, mask, ids, cts))
+        np.testing.assert_allclose(grads_junk[2], grads[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting, chunks", [
+    (("full", 0.5, False), dict(token_chunk=3, vocab_tile=7)),  # many blocks, a ragged tile of 5 columns
+    (("topk", 0.5, True), dict(token_chunk=12, vocab_tile=40)),  # one block: no padding, no raggedness
+], ids=["full-jsd-small-blocks", "topk-tail-one-block"])
+def test_chunk_sizes_do_not_change_results(setting, chunks):
+    stats, grads = _run("xla", setting, **CHUNKS)
+    other_stats, other_grads = _run("xla", setting, **chunks)
+    _close(other_stats + other_grads, stats + grads, ["div", "logp", "entropy", "d_hs", "d_ht", "d_w"])
+
+
+@pytest.mark.parametrize("setting", [("full", 1.0, False), ("topk", 0.5, True)],
+                         ids=["full-rkl", "topk-tail"])
+def test_bf16_inputs_accumulate_in_f32(setting):
+    """bf16 hidden states and W. The kernel's own error (f32 accumulation, bf16 gradients) is measured
+    against the reference on the same bf16-rounded values; against f32 inputs, the rounding of the inputs
+    (2^-9 relative, logits of size ~5 here) dominates and the stated tolerance is 0.1 nats."""
+    hs, ht, w, mask, ids, cts = DATA
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (hs, ht, w)]
+    stats, grads = _value_and_grads("xla", *setting, **CHUNKS)(*bf, mask, ids, cts)
+    assert grads[0].dtype == jnp.bfloat16 and grads[2].dtype == jnp.bfloat16
+    rounded = tuple(np.asarray(x, np.float32) for x in bf) + (mask, ids, cts)
+    ref_stats, ref_grads = _run("reference", setting, rounded)
+    _close([np.asarray(x) for x in stats], ref_stats, tk.TokenStats._fields, rtol=1e-4, atol=1e-4)
+    # The gradients are rounded to bf16 once (8 bits of mantissa): relative error below 2^-8.
+    for name, g, r in (("d_hs", grads[0], ref_grads[0]), ("d_w", grads[2], ref_grads[2])):
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2 ** -8, atol=1e-3, err_msg=name)
+    f32_stats, _ = _run("reference", setting)
+    _close([np.asarray(x) for x in stats], f32_stats, tk.TokenStats._fields, rtol=0.0, atol=0.1)
+
+
+# Every divergence on the full support, each support kind, and each divergence on some top-k variant.
+FD_SETTINGS = [s for s in SETTINGS if s[0] != "topk"] + [("topk", 0.0, True), ("topk", 0.5, False),
+                                                         ("topk", 1.0, True)]
+FD_IDS = [f"{m}-a{a}{'-tail' if t else ''}" for m, a, t in FD_SETTINGS]
+
+
+@pytest.mark.parametrize("setting", FD_SETTINGS, ids=FD_IDS)
+def test_reference_gradient_equals_finite_differences_f64(setting):
+    mode, alpha, tail = setting
+    with jax.enable_x64(True):
+        hs, ht, w, mask, ids, cts = (np.asarray(x, np.float64) if x.dtype == np.float32 else x for x in DATA)
+        if mode == "sampled_token":  # a surrogate: its gradient is not the derivative of its value
+            cts = cts * np.array([[0.0], [1.0], [1.0]])
+        kw = dict(alpha=alpha, mode=mode, top_k=TOP_K, add_tail=tail)
+
+        t_NV = ht @ w  # the teacher's logits are a constant of the loss (its W too)
+
+        def total(stats):
+            return sum(jnp.sum(c * s) for c, s in zip(cts, stats))
+
+        def split(x):  # x = (hs, w) flattened, so that one direction perturbs both
+            return x[: N * D].reshape(N, D), x[N * D:].reshape(D, V)
+
+        def loss_fixed_teacher(x):
+            h_, w_ = split(x)
+            return total(tk.reference_stats_from_logits(h_ @ w_, t_NV, mask, ids, **kw))
+
+        def loss_public(x):  # the gradient under test: the public reference (teacher logits use W too)
+            return total(tk.reference_token_stats(*split(x)[:1], ht, split(x)[1], mask, ids, **kw))
+
+        @jax.jit
+        def check(x, v_KX):
+            eps = 1e-6
+            plus = jax.vmap(lambda v: loss_fixed_teacher(x + eps * v))(v_KX)
+            minus = jax.vmap(lambda v: loss_fixed_teacher(x - eps * v))(v_KX)
+            return v_KX @ jax.grad(loss_public)(x), (plus - minus) / (2 * eps)
+
+        x = np.concatenate([hs.ravel(), w.ravel()])
+        analytic, numeric = check(x, np.random.default_rng(1).normal(size=(2, x.size)))
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_sampled_token_gradient_is_the_surrogate():
+    """d/dθ of the sampled-token output = sg(log p_S(y) - log p_T(y)) · ∇ log p_S(y), checked through the
+    log-prob output of the same reference (ct on divergence vs ct · estimate on log-prob)."""
+    hs, ht, w, mask, ids, cts = DATA
+    setting = ("sampled_token", 1.0, False)
+    stats, _ = _run("reference", setting)
+    on_div = cts * np.array([[1.0], [0.0], [0.0]], np.float32)
+    on_logp = np.stack([np.zeros(N), cts[0] * stats[0], np.zeros(N)]).astype(np.float32)
+    _, g_div = _run("reference", setting, (hs, ht, w, mask, ids, on_div))
+    _, g_logp = _run("reference", setting, (hs, ht, w, mask, ids, on_logp))
+    _close([g_div[0], g_div[2]], [g_logp[0], g_logp[2]], ["d_hs", "d_w"], rtol=1e-5, atol=1e-6)
+    logp_s = np.log(_softmax(hs @ w))
+    logp_t = np.log(_softmax(ht @ w))
+    want = (logp_s - logp_t)[np.arange(N), ids] * mask
+    np.testing.assert_allclose(stats[0], want, rtol=1e-5, atol=1e-5)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_reference_formulas_in_numpy():
+    """The reference's three divergences and the top-k projection, written again in numpy."""
+    hs, ht, w, mask, ids, _ = DATA
+    p, q = _softmax(hs.astype(np.float64) @ w), _softmax(ht.astype(np.float64) @ w)
+    a = 0.5
+    m = (1 - a) * p + a * q
+    want = {
+        0.0: np.sum(q * np.log(q / p), 1),
+        1.0: np.sum(p * np.log(p / q), 1),
+        a: (1 - a) * np.sum(p * np.log(p / m), 1) + a * np.sum(q * np.log(q / m), 1),
+    }
+    for alpha, expected in want.items():
+        got = tk.reference_divergence(hs, ht, w, mask, alpha=alpha, mode="full")
+        np.testing.assert_allclose(got, expected * mask, rtol=1e-4, atol=1e-5)
+    top = np.argsort(-(hs @ w), axis=1)[:, :TOP_K]
+    pk, qk = np.take_along_axis(p, top, 1), np.take_along_axis(q, top, 1)
+    pt = np.concatenate([pk, 1 - pk.sum(1, keepdims=True)], 1)
+    qt = np.concatenate([qk, 1 - qk.sum(1, keepdims=True)], 1)
+    got = tk.reference_divergence(hs, ht, w, mask, alpha=1.0, mode="topk", top_k=TOP_K, add_tail=True)
+    np.testing.assert_allclose(got, np.sum(pt * np.log(pt / qt), 1) * mask, rtol=1e-4, atol=1e-5)
+    pr, qr = pk / pk.sum(1, keepdims=True), qk / qk.sum(1, keepdims=True)
+    got = tk.reference_divergence(hs, ht, w, mask, alpha=0.0, mode="topk", top_k=TOP_K)
+    np.testing.assert_allclose(got, np.sum(qr * np.log(qr / pr), 1) * mask, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(categorical_divergence(np.log(pt), np.log(pt), alpha=0.3), 0.0, atol=1e-6)
+
+
+def test_logprobs_and_entropy_without_teacher():
+    hs, ht, w, mask, ids, cts = DATA
+    no_div = cts * np.array([[0.0], [1.0], [1.0]], np.float32)
+    ref_stats, ref_grads = _run("reference", ("full", 1.0, False), (hs, ht, w, mask, ids, no_div))
+
+    @jax.jit
+    def run(hs, w, mask, ids, cts):
+        def loss(hs, w):
+            logp, ent = tk.token_logprobs_and_entropy(hs, w, ids, mask, backend="xla", **CHUNKS)
+            return jnp.sum(cts[1] * logp) + jnp.sum(cts[2] * ent), (logp, ent)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hs, w)
+
+    (_, (logp, ent)), (d_hs, d_w) = run(hs, w, mask, ids, no_div)
+    _close([logp, ent, d_hs, d_w], [ref_stats[1], ref_stats[2], ref_grads[0], ref_grads[2]],
+           ["logprob", "entropy", "d_hs", "d_w"])
+
+
+def test_errors_name_the_problem():
+    hs, ht, w, mask, ids, _ = DATA
+    cases = [
+        (dict(alpha=1.0, mode="everything"), "mode='everything'"),
+        (dict(alpha=0.5, mode="sampled_token", sampled_ids=ids), "needs alpha=1"),
+        (dict(alpha=1.0, mode="sampled_token"), "needs sampled_ids"),
+        (dict(alpha=1.5, mode="full"), "alpha=1.5"),
+        (dict(alpha=1.0, mode="topk"), "top_k"),
+        (dict(alpha=1.0, mode="topk", top_k=3, backend="pallas"), "backend='pallas'"),
+        (dict(alpha=1.0, mode="full", backend="cuda"), "backend='cuda'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            tk.fused_divergence(hs, ht, w, mask, **kwargs)
+    with pytest.raises(ValueError, match=r"w_unembed must be \[D=8, V\]"):
+        tk.fused_divergence(hs, ht, w.T, mask, alpha=1.0, mode="full")
+
+
+def test_contract_functions_agree():
+    """The §4 contract pair: same signature, same per-token values (sampled_ids given as a keyword)."""
+    hs, ht, w, mask, ids, _ = DATA
+    kw = dict(alpha=1.0, mode="sampled_token", sampled_ids=ids)
+    fused = jax.jit(lambda *a: tk.fused_divergence(*a, backend="xla", **CHUNKS, **kw))(hs, ht, w, mask)
+    want = _run("reference", ("sampled_token", 1.0, False))[0][0]
+    np.testing.assert_allclose(fused, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(tk.reference_divergence(hs, ht, w, mask, **kw), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", [("full", 0.5, False), ("topk", 1.0, True)],
+                         ids=["full-jsd", "topk-tail"])
+def test_teacher_with_its_own_unembedding(setting):
+    """An EMA teacher reads its own W: the fused engines equal the reference, and neither the teacher's
+    hidden states nor its W get any gradient."""
+    hs, ht, w, mask, ids, cts = DATA
+    w_teacher = (w + 0.3 * np.random.default_rng(7).normal(size=w.shape)).astype(np.float32)
+    mode, alpha, tail = setting
+    kw = dict(alpha=alpha, mode=mode, top_k=TOP_K, add_tail=tail)
+
+    def run(stats_fn):
+        def loss(hs, ht, w, wt):
+            stats = stats_fn(hs, ht, w, mask, ids, w_teacher=wt, **kw)
+            return sum(jnp.sum(c * x) for c, x in zip(cts, stats)), stats
+        (_, stats), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+            hs, ht, w, w_teacher)
+        return stats, grads
+
+    ref_stats, ref_grads = run(tk.reference_token_stats)
+    for impl in ["xla"] + (["pallas"] if mode in PALLAS_MODES else []):
+        stats, grads = run(functools.partial(tk.fused_token_stats, backend=impl, **CHUNKS))
+        _close(stats, ref_stats, [f"{impl} {k}" for k in tk.TokenStats._fields])
+        _close([grads[0], grads[2]], [ref_grads[0], ref_grads[2]], [f"{impl} d_hs", f"{impl} d_w"])
+        for g in (grads[1], grads[3], ref_grads[1], ref_grads[3]):
+            np.testing.assert_array_equal(g, 0.0)
+    shared = _run("reference", setting)[0][0]
+    assert np.abs(np.asarray(ref_stats[0]) - shared).max() > 1e-2  # the teacher's W really was used

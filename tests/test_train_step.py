@@ -1,0 +1,162 @@
+"""The fused train step against plain forward passes, and its invariants (teacher kinds, accumulation,
+sharding)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from flax import nnx
+
+from fd_jax import losses, sharding
+from fd_jax.models import ModelConfig, init_model
+from fd_jax.optim import OptimConfig, make_optimizer
+from fd_jax.train_batch import pack_train_batch
+from fd_jax.train_step import StepConfig, init_train_state, make_train_step, micro_batch_loss, _normalisers
+
+CFG = ModelConfig.from_hf(transformers.Qwen3Config(
+    vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, tie_word_embeddings=False))
+OPT = OptimConfig(learning_rate=1e-2, max_grad_norm=1.0, weight_decay=0.01)
+KERNEL = dict(token_chunk=8, vocab_tile=32)  # several chunks and a ragged vocabulary tile
+
+
+def _batch(seed=0, rows=4):
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(1, 61, rng.integers(2, 7))) for _ in range(rows)]
+    feedback = [list(rng.integers(1, 61, rng.integers(3, 12))) for _ in range(rows)]
+    completions = [list(rng.integers(1, 61, rng.integers(1, 9))) for _ in range(rows)]
+    old = [list(rng.normal(-4.0, 0.3, len(c))) for c in completions]
+    batch = pack_train_batch(
+        student_prompts=prompts, teacher_prompts=[p + f for p, f in zip(prompts, feedback)],
+        completions=completions, old_logprobs=old, rewards_B=np.zeros(rows),
+        advantages_B=rng.normal(size=rows), distill_mask_B=np.array([1, 1, 0, 1][:rows] + [1] * (rows - 4)),
+        pad_id=0, pad_multiple=8)
+    return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = init_model(CFG, seed=0)
+    graphdef, params = nnx.split(model)
+    return graphdef, params, _batch()
+
+
+def _state(params, cfg, teacher_seed=None, optimizer=None):
+    # Comparisons of updates use plain SGD: Adam's g / sqrt(v) would blow f32 rounding in near-zero
+    # gradients up to learning-rate-sized steps.
+    optimizer = optimizer or make_optimizer(OPT)
+    state = init_train_state(jax.tree.map(jnp.array, params), optimizer, cfg)
+    if teacher_seed is not None and state.teacher is not None:  # a teacher that differs from the student
+        _, other = nnx.split(init_model(CFG, seed=teacher_seed))
+        state = state._replace(teacher=other)
+    return state, optimizer
+
+
+def _loss_and_grads(graphdef, params, teacher, batch, cfg):
+    totals = _normalisers(jax.tree.map(jnp.asarray, batch), cfg)
+    fn = lambda p, t: micro_batch_loss(p, t, None, jax.tree.map(jnp.asarray, batch), totals,  # noqa: E731
+                                       graphdef=graphdef, cfg=cfg)[0]
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(params, teacher)
+
+
+def test_step_loss_equals_losses_module_on_plain_forward(setup):
+    """No hidden shortcut: materialised logits + the losses module give the step's loss."""
+    graphdef, params, batch = setup
+    cfg = StepConfig(distill_weight=0.5, teacher="ema", alpha=0.5, loss_type="grpo", **KERNEL)
+    _, teacher = nnx.split(init_model(CFG, seed=3))
+    loss, _ = _loss_and_grads(graphdef, params, teacher, batch, cfg)
+
+    def logits_at(p, tokens, positions, index):
+        logits = nnx.merge(graphdef, p)(tokens, positions)
+        return np.take_along_axis(np.asarray(logits), index[:, :, None], axis=1)
+
+    s = logits_at(params, batch["student_tokens_BS"], batch["student_positions_BS"], batch["student_index_BC"])
+    t = logits_at(teacher, batch["teacher_tokens_BU"], batch["teacher_positions_BU"], batch["teacher_index_BC"])
+    logp = jax.nn.log_softmax(s.astype(np.float64))
+    logq = jax.nn.log_softmax(t.astype(np.float64))
+    p, q = np.exp(logp), np.exp(logq)
+    m = 0.5 * p + 0.5 * q
+    jsd = 0.5 * np.sum(p * (logp - np.log(m)), -1) + 0.5 * np.sum(q * (logq - np.log(m)), -1)
+    logp_tok = np.take_along_axis(np.asarray(logp), batch["completion_tokens_BC"][:, :, None], -1)[..., 0]
+    mask = batch["completion_mask_BC"]
+    grpo = losses.policy_loss(jnp.asarray(logp_tok, jnp.float32), batch["old_logprobs_BC"], batch["advantages_B"],
+                              mask, loss_type="grpo", eps_low=0.2, eps_high=0.2)
+    fd = losses.fd_loss(jnp.asarray(jsd, jnp.float32), jnp.asarray(logp_tok, jnp.float32), batch["old_logprobs_BC"],
+                        mask * batch["distill_mask_B"][:, None], is_clip=2.0, loss_agg="token_mean")
+    np.testing.assert_allclose(float(loss), 0.5 * float(grpo) + 0.5 * float(fd), rtol=2e-5, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_live_fusion_is_exact(setup):
+    graphdef, params, batch = setup
+    _, teacher = nnx.split(init_model(CFG, seed=3))
+    cfg = StepConfig(distill_weight=1.0, teacher="ema", alpha=1.0, **KERNEL)
+    (_, (g_student, g_teacher)) = _loss_and_grads(graphdef, params, teacher, batch, cfg)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+    assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_student))
+
+    fused = StepConfig(distill_weight=0.7, teacher="live", fuse_live_passes=True, alpha=0.0, **KERNEL)
+    separate = dataclasses.replace(fused, fuse_live_passes=False)
+    (l1, (g1, _)) = _loss_and_grads(graphdef, params, None, batch, fused)
+    (l2, (g2, _)) = _loss_and_grads(graphdef, params, None, batch, separate)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_ema_and_base_teachers(setup):
+    graphdef, params, batch = setup
+    for kind in ("ema", "base"):
+        cfg = StepConfig(teacher=kind, ema_tau=0.25, **KERNEL)
+        state, optimizer = _state(params, cfg, teacher_seed=5)
+        teacher_before = jax.tree.map(np.asarray, state.teacher)
+        step = make_train_step(graphdef, optimizer, cfg)
+        new, metrics = step(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["kl_mean"]) > 0
+        for phi, theta, phi_new in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(new.params),
+                                       jax.tree.leaves(new.teacher)):
+            expected = phi if kind == "base" else 0.75 * phi + 0.25 * np.asarray(theta)
+            np.testing.assert_allclose(np.asarray(phi_new), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_micro_batches_give_the_same_update(setup):
+    graphdef, params, _ = setup
+    batch = _batch(seed=1, rows=8)
+    results = []
+    for k in (1, 4):
+        cfg = StepConfig(distill_weight=0.5, teacher="ema", loss_type="grpo", loss_agg="seq_mean",
+                         micro_batches=k, **KERNEL)
+        state, optimizer = _state(params, cfg, optimizer=optax.sgd(0.1))
+        new, metrics = make_train_step(graphdef, optimizer, cfg)(state, batch)
+        results.append((new, metrics))
+    (a, ma), (b, mb) = results
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-4)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_step_equals_single_device(setup):
+    graphdef, params, _ = setup
+    batch = _batch(seed=2, rows=8)
+    cfg = StepConfig(distill_weight=0.5, teacher="ema", **KERNEL)
+    state, optimizer = _state(params, cfg, optimizer=optax.sgd(0.1))
+    step = make_train_step(graphdef, optimizer, cfg)
+    single, m1 = step(state, batch)
+    single = jax.tree.map(np.asarray, single)
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    model = sharding.shard_module(init_model(CFG, seed=0), mesh)
+    _, sharded_params = nnx.split(model)
+    assert sharded_params["layers"][0]["mlp"]["up"].get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    state2, optimizer2 = _state(sharded_params, cfg, optimizer=optax.sgd(0.1))
+    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+        new, m2 = make_train_step(graphdef, optimizer2, cfg)(state2, sharding.shard_batch(batch, mesh))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(x, np.asarray(y), rtol=1e-5, atol=1e-6)

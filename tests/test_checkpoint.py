@@ -10,27 +10,20 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
 
 from fd_jax import sharding
 from fd_jax.checkpoint import Checkpointer
-from fd_jax.models import ModelConfig, init_model
-from fd_jax.optim import OptimConfig, make_optimizer
-from fd_jax.train_step import StepConfig, TrainState, init_train_state, make_train_step
-from test_train_step import KERNEL, _batch
-
-CFG = ModelConfig.from_hf(transformers.LlamaConfig(
-    vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-    num_key_value_heads=2, tie_word_embeddings=True))
-STEP = StepConfig(distill_weight=0.5, teacher="ema", **KERNEL)
+from fd_jax.models import init_model
+from fd_jax.train_step import init_train_state
+from test_train_step import CFG, SHARED_CFG as STEP, _batch, cached_step
 
 
 def _fresh(mesh=None):
     model = init_model(CFG, seed=0, mesh=mesh)
     graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, weight_decay=0.1))
-    return graphdef, optimizer, init_train_state(params, optimizer, STEP)
+    step, optimizer = cached_step(graphdef, STEP)  # Adam: its moments must survive the round trip too
+    return graphdef, step, init_train_state(params, optimizer, STEP)
 
 
 def _leaves(state):
@@ -38,8 +31,7 @@ def _leaves(state):
 
 
 def test_save_restore_continue_is_bit_identical(tmp_path):
-    graphdef, optimizer, state = _fresh()
-    step = make_train_step(graphdef, optimizer, STEP)
+    graphdef, step, state = _fresh()
     batches = [_batch(seed=s) for s in range(3)]
     state, _ = step(state, batches[0])
     with Checkpointer(tmp_path / "ckpt") as ckpt:

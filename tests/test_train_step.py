@@ -20,10 +20,11 @@ from fd_jax.train_batch import pack_train_batch
 from fd_jax.train_step import StepConfig, init_train_state, make_train_step, micro_batch_loss, _normalisers
 
 CFG = ModelConfig.from_hf(transformers.Qwen3Config(
-    vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
     num_key_value_heads=2, head_dim=8, tie_word_embeddings=False))
 OPT = OptimConfig(learning_rate=1e-2, max_grad_norm=1.0, weight_decay=0.01)
 KERNEL = dict(token_chunk=8, vocab_tile=32)  # several chunks and a ragged vocabulary tile
+SHARED_CFG = StepConfig(distill_weight=0.5, teacher="ema", loss_type="grpo", loss_agg="seq_mean", **KERNEL)
 
 
 def _batch(seed=0, rows=4):
@@ -56,6 +57,18 @@ def _state(params, cfg, teacher_seed=None, optimizer=None):
         _, other = nnx.split(init_model(CFG, seed=teacher_seed))
         state = state._replace(teacher=other)
     return state, optimizer
+
+
+_STEPS: dict = {}
+
+
+def cached_step(graphdef, cfg: StepConfig, sgd: bool = False):
+    """One compiled step per (config, optimizer) for the whole test session: compiling dominates test time."""
+    key = (cfg, sgd)
+    if key not in _STEPS:
+        optimizer = optax.sgd(0.1) if sgd else make_optimizer(OPT)
+        _STEPS[key] = (make_train_step(graphdef, optimizer, cfg), optimizer)
+    return _STEPS[key]
 
 
 def _loss_and_grads(graphdef, params, teacher, batch, cfg):
@@ -129,11 +142,10 @@ def test_micro_batches_give_the_same_update(setup):
     batch = _batch(seed=1, rows=8)
     results = []
     for k in (1, 4):
-        cfg = StepConfig(distill_weight=0.5, teacher="ema", loss_type="grpo", loss_agg="seq_mean",
-                         micro_batches=k, **KERNEL)
-        state, optimizer = _state(params, cfg, optimizer=optax.sgd(0.1))
-        new, metrics = make_train_step(graphdef, optimizer, cfg)(state, batch)
-        results.append((new, metrics))
+        cfg = dataclasses.replace(SHARED_CFG, micro_batches=k)
+        step, optimizer = cached_step(graphdef, cfg, sgd=True)
+        state, _ = _state(params, cfg, optimizer=optimizer)
+        results.append(step(state, batch))
     (a, ma), (b, mb) = results
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-4)
@@ -144,9 +156,9 @@ def test_micro_batches_give_the_same_update(setup):
 def test_sharded_step_equals_single_device(setup):
     graphdef, params, _ = setup
     batch = _batch(seed=2, rows=8)
-    cfg = StepConfig(distill_weight=0.5, teacher="ema", **KERNEL)
-    state, optimizer = _state(params, cfg, optimizer=optax.sgd(0.1))
-    step = make_train_step(graphdef, optimizer, cfg)
+    cfg = SHARED_CFG
+    step, optimizer = cached_step(graphdef, cfg, sgd=True)
+    state, _ = _state(params, cfg, optimizer=optimizer)
     single, m1 = step(state, batch)
     single = jax.tree.map(np.asarray, single)
 
@@ -154,9 +166,8 @@ def test_sharded_step_equals_single_device(setup):
     model = sharding.shard_module(init_model(CFG, seed=0), mesh)
     _, sharded_params = nnx.split(model)
     assert sharded_params["layers"][0]["mlp"]["up"].get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    state2, optimizer2 = _state(sharded_params, cfg, optimizer=optax.sgd(0.1))
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-        new, m2 = make_train_step(graphdef, optimizer2, cfg)(state2, sharding.shard_batch(batch, mesh))
+    state2, _ = _state(sharded_params, cfg, optimizer=optimizer)
+    new, m2 = step(state2, sharding.shard_batch(batch, mesh))  # same program, re-specialised to the shardings
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(x, np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -278,4 +278,18 @@ def make_train_step(
             metrics["learning_rate"] = learning_rate_fn(state.step)
         return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    compiled: dict = {}
+
+    def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # The new state keeps the shardings of the old one. Left to propagation, XLA may pick other layouts
+        # for some outputs (e.g. split 1-D norm scales), which recompiles the next step and defeats donation.
+        # Only mesh placements are pinned; single-device (possibly uncommitted) leaves stay free.
+        shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None,
+            state)
+        key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)))
+        if key not in compiled:
+            compiled[key] = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+        return compiled[key](state, batch)
+
+    return run

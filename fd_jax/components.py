@@ -1,0 +1,202 @@
+"""The parts of a run built from its config: the policy (model + tokenizer), the problems, the prompt
+format, the verifier and the feedback provider. Nothing here trains; `fd_jax.trainer` wires them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import shlex
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import config_dict
+
+from fd_jax import sharding as sharding_lib
+from fd_jax.config_utils import ConfigError
+from fd_jax.data import Problem, get_prompt_format, load_problems
+from fd_jax.models import ModelConfig, Transformer, init_model, load_hf, read_config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass
+class Policy:
+    """The model being trained, its config (for `save_hf`) and its tokenizer."""
+
+    model: Transformer
+    config: ModelConfig
+    tokenizer: Any
+
+
+def model_dir(cfg: config_dict.ConfigDict) -> pathlib.Path | None:
+    """The Hugging Face directory the weights come from (None for source=init); converts the SmolLM2 GGUF
+    into `model.cache_dir` on first use."""
+    if cfg.model.source == "hf":
+        return pathlib.Path(cfg.model.path).expanduser()
+    if cfg.model.source == "smollm2_gguf":
+        from fd_jax.models.gguf import export_gguf_to_hf, smollm2_gguf_path
+
+        out = pathlib.Path(cfg.model.cache_dir).expanduser() / SMOLLM2_DIR
+        if jax.process_index() == 0 and not (out / "model.safetensors").exists():
+            log.info("converting the SmolLM2-135M-Instruct GGUF into %s (once)", out)
+        return export_gguf_to_hf(smollm2_gguf_path(), out)
+    return None
+
+
+def build_tokenizer(cfg: config_dict.ConfigDict) -> Any:
+    name = cfg.model.tokenizer
+    if name == "char":
+        from fd_jax.data.char_tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer()
+    import transformers
+
+    source = pathlib.Path(name).expanduser() if name else model_dir(cfg)
+    if source is None or not source.is_dir():
+        raise ConfigError(f"config.model.tokenizer = {name!r}: no tokenizer directory at {source}")
+    return transformers.AutoTokenizer.from_pretrained(source)
+
+
+def model_config(cfg: config_dict.ConfigDict, tokenizer: Any) -> ModelConfig:
+    """The architecture: from the HF directory, or for source=init from `model.init` (vocabulary: the
+    tokenizer's)."""
+    directory = model_dir(cfg)
+    if directory is not None:
+        return read_config(directory)
+    fields = dict(cfg.model.init.to_dict(), vocab_size=len(tokenizer))
+    return ModelConfig.from_hf(fields, source="config.model.init")
+
+
+def abstract_model(cfg: config_dict.ConfigDict, model_cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves: the target a checkpoint restores into, no weights computed."""
+    dtype, param_dtype = DTYPES[cfg.model.dtype], DTYPES[cfg.model.param_dtype]
+    return nnx.eval_shape(lambda: Transformer(model_cfg, dtype=dtype, param_dtype=param_dtype,
+                                              remat=cfg.model.remat, rngs=nnx.Rngs(0)))
+
+
+def build_policy(cfg: config_dict.ConfigDict, *, mesh: jax.sharding.Mesh | None, weights: bool = True) -> Policy:
+    """The initial policy placed on `mesh`. weights=False gives an abstract model (the run resumes from a
+    checkpoint, so reading or initialising weights would be wasted)."""
+    tokenizer = build_tokenizer(cfg)
+    model_cfg = model_config(cfg, tokenizer)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"config.model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary has {model_cfg.vocab_size}")
+    if not weights:
+        return Policy(abstract_model(cfg, model_cfg), model_cfg, tokenizer)
+    dtype, param_dtype = DTYPES[cfg.model.dtype], DTYPES[cfg.model.param_dtype]
+    directory = model_dir(cfg)
+    if directory is None:
+        model = _random_model(cfg, model_cfg, mesh)
+    else:
+        model, _ = load_hf(directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat)
+    return Policy(model, model_cfg, tokenizer)
+
+
+def _random_model(cfg: config_dict.ConfigDict, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None) -> Transformer:
+    """`init_model`'s random weights, drawn in one jitted program that writes each weight straight into
+    its sharding (eagerly, every initialiser is a separate compilation, and the whole model would first
+    materialise on one device)."""
+    if mesh is None:
+        return init_model(model_cfg, seed=cfg.model.init_seed, dtype=DTYPES[cfg.model.dtype],
+                          param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+
+    def build() -> Transformer:
+        return Transformer(model_cfg, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
+                           remat=cfg.model.remat, rngs=nnx.Rngs(cfg.model.init_seed))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    shardings = state_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def state_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings for a pytree holding nnx Variables (params, teacher, optimizer moments): each
+    variable by its logical axes; everything else (step counters) replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(sharding_lib.variable_sharding(x, mesh))
+        return sharding_lib.replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# -- the task ---------------------------------------------------------------------------------------------
+
+
+def build_problems(cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
+    """Training problems, or the held-out ones (`eval.num_problems` of them) when `held_out`."""
+    d = cfg.data
+    if d.task == "arithmetic":
+        from fd_jax.tasks.arithmetic import make_problems
+
+        if held_out:
+            return make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
+        return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+    path = pathlib.Path(d.eval_path or d.path if held_out else d.path).expanduser()
+    split = d.eval_split if held_out else d.split
+    loader = (d.eval_format or d.format) if held_out else d.format
+    problems = load_problems(path, format=loader, split=split or None)
+    if not problems:
+        field = "data.eval_split" if held_out else "data.split"
+        raise ConfigError(f"config.{field} = {split!r}: {path} has no problems in that split ('' keeps all)")
+    limit = cfg.eval.num_problems if held_out else d.num_problems
+    return problems[:limit] if limit else problems
+
+
+def build_format(cfg: config_dict.ConfigDict, tokenizer: Any):
+    name = cfg.data.prompt_format
+    if name == "arithmetic_chat":
+        return get_prompt_format("arithmetic", tokenizer=tokenizer)
+    if name == "lean_chat":
+        return get_prompt_format(name, tokenizer=tokenizer, system=cfg.data.system_prompt or None)
+    return get_prompt_format(name)
+
+
+def build_verifier(cfg: config_dict.ConfigDict):
+    """The arithmetic checker, or this host's Lean verifier (a REPL pool per host, or a Kimina client)."""
+    if cfg.data.task == "arithmetic":
+        from fd_jax.tasks.arithmetic import ArithmeticVerifier
+
+        return ArithmeticVerifier()
+    from fd_jax.lean import DEFAULT_HEADER, get_verifier
+
+    lean = cfg.lean
+    common = dict(header=lean.header or DEFAULT_HEADER, timeout_s=lean.timeout_s,
+                  allow_native_decide=lean.allow_native_decide, audit_axioms=lean.audit_axioms)
+    if lean.backend == "kimina":
+        return get_verifier("kimina", base_url=lean.kimina_url, max_concurrency=lean.workers or 8, **common)
+    if lean.backend != "local":
+        raise ConfigError(f"config.lean.backend = {lean.backend!r}: a training run builds 'local' or 'kimina' "
+                          f"(LeanDojo needs a traced repository; use fd_jax.lean.LeanDojoVerifier directly)")
+    command = [os.path.expanduser(part) for part in shlex.split(lean.repl_command)]
+    return get_verifier("local", repl_command=command, workers=lean.workers or None,
+                        memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
+                        cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+
+
+def build_feedback(cfg: config_dict.ConfigDict, workdir: pathlib.Path):
+    """The feedback provider; an LLM provider's answers are cached under the workdir when asked."""
+    from fd_jax.feedback import get_provider
+
+    f = cfg.feedback
+    cache_dir = None
+    if f.cache_dir:
+        cache_dir = str(workdir / f.cache_dir) if not pathlib.Path(f.cache_dir).is_absolute() else f.cache_dir
+    common = dict(cache_dir=cache_dir, budget_usd=f.budget_usd, max_concurrency=f.max_concurrency,
+                  usd_per_mtok_in=f.usd_per_mtok_in, usd_per_mtok_out=f.usd_per_mtok_out)
+    if f.provider == "lean_errors":
+        return get_provider("lean_errors")
+    return get_provider(f.provider, model=f.model, base_url=f.base_url or None, api_key_env=f.api_key_env or None,
+                        timeout_s=f.timeout_s, max_retries=f.max_retries, max_tokens=f.max_tokens,
+                        temperature=f.temperature, **common)

@@ -1,0 +1,262 @@
+"""Every knob of a training run, with its default and what it does: the one base that `configs/*.py` start
+from (`config = base_config()`, then override). `fd_jax.config_utils.validate` checks the values; the
+sub-configs `step`, `optim` and the rollout fields become the dataclasses of `fd_jax.train_step`,
+`fd_jax.optim` and `fd_jax.rollout`, whose own checks name the field.
+
+Override anything on the command line: `--config.rollout.num_generations=8 --config.step.alpha=0.5`.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+from fd_jax.data.reprompt import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
+
+placeholder = config_dict.placeholder  # a None default that still only accepts its type on override
+
+
+def model_config() -> config_dict.ConfigDict:
+    m = config_dict.ConfigDict()
+    m.source = "hf"  # hf: a local Hugging Face dir (model.path) | init: random weights from model.init | smollm2_gguf
+    m.path = ""  # source=hf: the local HF directory (config.json + safetensors); fd_jax never downloads
+    m.cache_dir = "~/.cache/fd_jax"  # source=smollm2_gguf: where the GGUF is converted to an HF directory once
+    m.tokenizer = ""  # "" = the model's own (model.path) | char: the built-in character tokenizer | a local dir
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"  # storage dtype of the weights (optimizer moments follow it)
+    m.remat = False  # recompute each layer in the backward pass (saves activation memory)
+    m.init_seed = 0  # source=init: seed of the random weights
+    m.init = config_dict.ConfigDict()  # source=init: the architecture, Hugging Face config.json field names
+    m.init.model_type = "qwen3"  # llama | qwen2 | qwen3 (qwen3 has QK-norm)
+    m.init.hidden_size = 64  # d_model
+    m.init.intermediate_size = 128  # SwiGLU width
+    m.init.num_hidden_layers = 2  # decoder blocks
+    m.init.num_attention_heads = 4  # query heads
+    m.init.num_key_value_heads = 2  # KV heads (GQA)
+    m.init.head_dim = 16  # per-head width
+    m.init.tie_word_embeddings = True  # the unembedding is the embedding's transpose
+    m.init.max_position_embeddings = 1024  # longest sequence (prompt + reprompt + completion)
+    m.init.rope_theta = 10000.0  # RoPE base
+    return m
+
+
+def data_config() -> config_dict.ConfigDict:
+    d = config_dict.ConfigDict()
+    d.task = "arithmetic"  # arithmetic (test bed, no Lean) | lean
+    d.path = ""  # task=lean: the problem file (JSONL / JSON / Parquet)
+    d.format = "minif2f"  # task=lean: loader, minif2f | lean_workbook
+    d.split = "valid"  # task=lean: training split ("" keeps every row)
+    d.eval_path = ""  # task=lean: held-out problems ("" = data.path)
+    d.eval_format = ""  # task=lean: loader of eval_path ("" = data.format)
+    d.eval_split = "test"  # task=lean: held-out split
+    d.level = "easy"  # task=arithmetic: easy | medium | hard
+    d.num_problems = 1024  # task=arithmetic: training problems generated; task=lean: first N rows (0 = all)
+    d.problem_seed = 0  # task=arithmetic: seed of the generated training problems
+    d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (disjoint stream)
+    d.prompt_format = "arithmetic"  # arithmetic | arithmetic_chat | lean_completion | lean_chat
+    d.system_prompt = ""  # lean_chat: an optional system turn
+    d.problems_per_step = 8  # P problems per step over all hosts (each host rolls out P / hosts)
+    d.shuffle_seed = 0  # seed of the epoch shuffles (the order resumes exactly from a checkpoint)
+    return d
+
+
+def rollout_config() -> config_dict.ConfigDict:
+    r = config_dict.ConfigDict()
+    r.num_generations = 4  # G samples per problem (the GRPO group)
+    r.max_new_tokens = 256  # completion budget per sample
+    r.temperature = 1.0  # sampling temperature (old log-probs are always those of the temperature-1 policy)
+    r.top_p = 1.0  # nucleus sampling (1 = off)
+    r.top_k = 0  # top-k sampling (0 = off)
+    r.chunk_problems = 0  # problems per generate call; >0 overlaps Lean checking with generation (0 = all)
+    r.pad_multiple = 32  # padded prompt/completion lengths are multiples of this (fewer recompilations)
+    r.use_successful_as_teacher = False  # show the teacher a solved sibling as a demonstration
+    r.dont_reprompt_on_self_success = True  # a rollout's own success is never its demonstration
+    r.max_reprompt_len = placeholder(int)  # cap on teacher prompt tokens, feedback truncated to fit (None = none)
+    r.scale_rewards = "group"  # GRPO advantage scaling: group | batch | none
+    r.log_rollouts = True  # append every rollout to DIR/rollouts.jsonl
+    r.asynchronous = False  # generate step t+1's batch while step t trains (one step off-policy, IS-corrected)
+    r.reprompt_template = REPROMPT_TEMPLATE  # teacher context: fields {solution} and {feedback}
+    r.feedback_template = FEEDBACK_TEMPLATE  # the feedback block: field {feedback}
+    r.solution_template = SOLUTION_TEMPLATE  # the demonstration block: field {solution}
+    return r
+
+
+def step_config() -> config_dict.ConfigDict:
+    """fd_jax.train_step.StepConfig; distill_weight is set by `algorithm` (fd 1, grpo 0) unless overridden."""
+    s = config_dict.ConfigDict()
+    s.distill_weight = placeholder(float)  # w in (1-w)·L_GRPO + w·L_FD; None = from algorithm (fd 1, grpo 0)
+    s.teacher = "ema"  # ema | live | base (GRPO stages always use live: no teacher pass, no teacher copy)
+    s.ema_tau = 0.05  # EMA rate of the teacher: φ ← (1-τ)φ + τθ after every optimizer step
+    s.fuse_live_passes = True  # live teacher: one forward pass over student + teacher rows
+    s.alpha = 1.0  # divergence: 0 forward KL, 1 reverse KL, between: generalized JSD
+    s.distill_mode = "full"  # support: full | topk | sampled_token
+    s.top_k = 20  # support size of distill_mode=topk
+    s.add_tail = True  # topk: add the tail bucket log(1-Σp) instead of renormalising
+    s.is_clip = 2.0  # FD importance weights min(exp(logp - old_logp), is_clip)
+    s.loss_agg = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
+    s.loss_agg_constant = placeholder(float)  # the normaliser of loss_agg=constant (None: rows x C)
+    s.loss_type = "dapo"  # GRPO family: grpo | dr_grpo | dapo | bnpo
+    s.eps_low = 0.2  # GRPO ratio clip below 1
+    s.eps_high = 0.2  # GRPO ratio clip above 1 (DAPO's clip-higher: e.g. 0.28)
+    s.importance_sampling_level = "token"  # token | sequence (GSPO)
+    s.max_completion_length = placeholder(int)  # dr_grpo's constant normaliser (None: C of the batch)
+    s.beta = 0.0  # weight of the k3 KL to the reference policy in GRPO (0 = no reference pass)
+    s.micro_batches = 1  # gradient accumulation over this many row slices of the batch
+    s.token_chunk = placeholder(int)  # tokens per block of the fused divergence kernel (None = tuned default)
+    s.vocab_tile = placeholder(int)  # vocabulary tile of the fused divergence kernel (None = tuned default)
+    s.kernel_backend = "auto"  # auto | xla | pallas
+    return s
+
+
+def optim_config() -> config_dict.ConfigDict:
+    """fd_jax.optim.OptimConfig."""
+    o = config_dict.ConfigDict()
+    o.learning_rate = 1e-6  # peak learning rate
+    o.schedule = "constant"  # after warm-up: constant | cosine
+    o.warmup_steps = 0  # linear warm-up over this many optimizer steps
+    o.total_steps = 0  # cosine length in optimizer steps; 0 = the stage's steps x num_iterations
+    o.end_lr_ratio = 0.0  # cosine: final learning rate as a fraction of the peak
+    o.weight_decay = 0.0  # AdamW decoupled decay (never on norms and biases)
+    o.b1 = 0.9  # Adam β1
+    o.b2 = 0.999  # Adam β2
+    o.eps = 1e-8  # Adam ε
+    o.max_grad_norm = 1.0  # global-norm clipping (0 = off)
+    return o
+
+
+def lean_config() -> config_dict.ConfigDict:
+    """The verifier of task=lean (fd_jax.lean.get_verifier)."""
+    lean = config_dict.ConfigDict()
+    lean.backend = "local"  # local (REPL pool on this host) | kimina (HTTP server) | leandojo
+    lean.repl_command = "lake env repl"  # local: the command that starts one REPL (shell-split)
+    lean.cwd = ""  # local: the Mathlib project the REPL runs in (printed by scripts/setup_lean.sh)
+    lean.workers = 0  # local: REPL processes per host (0 = cores - 1); kimina: concurrent requests
+    lean.timeout_s = 60.0  # wall-clock limit per proof
+    lean.memory_limit_mb = 16384  # local: address-space limit per REPL (0 = none; recent Mathlib needs >= 9000)
+    lean.max_uses = 100  # local: proofs before a REPL is recycled (its memory grows per command)
+    lean.allow_native_decide = False  # accept proofs that use native_decide (trusts the compiler)
+    lean.audit_axioms = True  # reject proofs whose axioms go beyond propext, Classical.choice, Quot.sound
+    lean.kimina_url = "http://localhost:8000"  # kimina: the server's base URL
+    lean.header = ""  # Lean header for problems without one ("" = fd_jax.lean.DEFAULT_HEADER)
+    return lean
+
+
+def feedback_config() -> config_dict.ConfigDict:
+    """The feedback provider (fd_jax.feedback.get_provider); unused by GRPO."""
+    f = config_dict.ConfigDict()
+    f.provider = "lean_errors"  # lean_errors (no LLM) | openai | anthropic
+    f.model = ""  # openai / anthropic: the model name
+    f.base_url = ""  # openai / anthropic: endpoint ("" = the provider's public API)
+    f.api_key_env = ""  # environment variable holding the API key ("" = OPENAI_API_KEY / ANTHROPIC_API_KEY)
+    f.timeout_s = 120.0  # per HTTP attempt
+    f.max_retries = 4  # retries on 429 / 5xx / timeouts
+    f.max_concurrency = 8  # parallel requests per host
+    f.max_tokens = 1024  # feedback length cap (tokens)
+    f.temperature = 0.7  # feedback sampling temperature
+    f.cache_dir = ""  # sqlite cache of answers ("" = none; relative paths are under the workdir)
+    f.budget_usd = placeholder(float)  # stop calling the LLM once spent (None = no budget)
+    f.usd_per_mtok_in = 0.0  # price per million prompt tokens, for the cost metric
+    f.usd_per_mtok_out = 0.0  # price per million completion tokens
+    return f
+
+
+def base_config() -> config_dict.ConfigDict:
+    """The full default configuration: a random tiny model on the arithmetic test bed, FD, 40 steps."""
+    c = config_dict.ConfigDict()
+    c.algorithm = "fd"  # fd | grpo | fd_then_grpo
+    c.seed = 0  # seeds the sampler (per step); model.init_seed and data.shuffle_seed seed the rest
+    c.total_steps = 40  # training steps (one rollout batch each); fd_then_grpo: both stages together
+    c.fd_steps = 20  # fd_then_grpo: steps of the FD stage (< total_steps); the GRPO stage runs the rest
+    c.grpo_learning_rate = placeholder(float)  # fd_then_grpo: the GRPO stage's peak LR (None = optim.learning_rate)
+    c.num_iterations = 1  # optimizer steps per rollout batch (2nd+ are off-policy, importance-corrected)
+    c.multihost = "auto"  # jax.distributed.initialize(): auto (on pods) | true | false
+    c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
+
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = 1  # data-parallel axis (replicated weights)
+    c.mesh.fsdp = -1  # fully sharded axis (-1 = the remaining devices)
+    c.mesh.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary)
+
+    c.model = model_config()  # the policy: where its weights and tokenizer come from, dtypes
+    c.data = data_config()  # problems, prompt format, problems per step
+    c.rollout = rollout_config()  # sampling, reprompts, advantages
+    c.step = step_config()  # the loss and the teacher (fd_jax.train_step.StepConfig)
+    c.optim = optim_config()  # AdamW and its schedule (fd_jax.optim.OptimConfig)
+    c.lean = lean_config()  # the Lean verifier (data.task=lean)
+    c.feedback = feedback_config()  # who writes the feedback the FD teacher reads
+
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every_steps = 50  # save every N steps (and always at the end of a stage and on SIGTERM)
+    c.checkpoint.max_to_keep = 3  # checkpoints kept per stage
+    c.checkpoint.async_save = True  # write while training goes on (saves are still atomic)
+
+    c.log = config_dict.ConfigDict()
+    c.log.every_steps = 1  # plain log line every N steps (when there is no progress bar)
+    c.log.progress = "auto"  # progress bar: auto (on a terminal) | true | false
+    c.log.plot_every_steps = 10  # refresh DIR/curves.png every N steps (and at the end)
+    c.log.tensorboard = True  # TensorBoard event files under DIR/tensorboard (needs tensorboardX)
+    c.log.wandb_project = ""  # Weights & Biases project ("" = off; needs `pip install wandb`)
+    c.log.wandb_entity = ""  # W&B entity ("" = your default)
+    c.log.wandb_name = ""  # W&B run name ("" = the workdir's name)
+
+    c.eval = config_dict.ConfigDict()
+    c.eval.every_steps = 0  # pass@k on the held-out set every N steps (0 = off)
+    c.eval.at_end = False  # also evaluate after the last step
+    c.eval.num_problems = 32  # held-out problems (first N)
+    c.eval.n = 8  # samples per problem
+    c.eval.ks = (1, 4, 8)  # k values of pass@k (each <= n)
+    c.eval.max_new_tokens = 256  # completion budget
+    c.eval.temperature = 1.0  # sampling temperature
+    c.eval.seed = 0  # sampling seed (the same at every evaluation, so steps are comparable)
+
+    c.export_hf = True  # save the final policy as a Hugging Face directory DIR/hf_final (with the tokenizer)
+    return c
+
+
+def lean_prover_config(model_path: str) -> config_dict.ConfigDict:
+    """What the TPU configs for real provers share: the checkpoint at `model_path`, bf16 compute with f32
+    weights and optimizer state sharded over every chip, miniF2F (valid to train, test to evaluate), the
+    local Lean pool and Claude feedback. Each config then sets its model's prompt format and lengths."""
+    c = base_config()
+    c.algorithm = "fd"
+    c.total_steps = 200
+    c.model.source = "hf"
+    c.model.path = model_path
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat = True
+    c.mesh.fsdp = -1  # every chip of the slice
+    c.data.task = "lean"
+    c.data.path = "data/minif2f.jsonl"  # DeepSeek-Prover's miniF2F JSONL (../shared/data in the dev workspace)
+    c.data.format = "minif2f"
+    c.data.split = "valid"
+    c.data.eval_split = "test"
+    c.data.num_problems = 0
+    c.data.problems_per_step = 32
+    c.rollout.num_generations = 8
+    c.rollout.chunk_problems = 8  # Lean checks chunk i while chunk i+1 generates
+    c.rollout.pad_multiple = 256
+    c.rollout.max_reprompt_len = 4096
+    c.step.teacher = "ema"
+    c.step.micro_batches = 8
+    c.optim.learning_rate = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.01
+    c.lean.backend = "local"
+    c.lean.repl_command = "~/.elan/bin/lake env ~/.cache/fd_jax/lean/repl/.lake/build/bin/repl"
+    c.lean.cwd = "~/.cache/fd_jax/lean/mathlib_project"
+    c.lean.workers = 0
+    c.lean.timeout_s = 120.0
+    c.lean.memory_limit_mb = 16384
+    c.feedback.provider = "anthropic"
+    c.feedback.model = "claude-sonnet-4-5"
+    c.feedback.api_key_env = "ANTHROPIC_API_KEY"
+    c.feedback.cache_dir = "feedback_cache"
+    c.feedback.max_concurrency = 16
+    c.checkpoint.every_steps = 25
+    c.log.plot_every_steps = 5
+    c.eval.every_steps = 50
+    c.eval.at_end = True
+    c.eval.num_problems = 244
+    c.eval.n = 32
+    c.eval.ks = (1, 8, 32)
+    return c

@@ -241,7 +241,7 @@ def make_train_step(
 
         micro = _split_micro(batch, cfg.micro_batches)
         first = jax.tree.map(lambda x: x[0], micro)
-        _, (sums0, maxes0) = jax.eval_shape(lambda: loss_fn(state.params, state.teacher, state.ref, first, totals))
+        _, (sums0, maxes0) = jax.eval_shape(loss_fn, state.params, state.teacher, state.ref, first, totals)
         init = (
             jax.tree.map(jnp.zeros_like, state.params),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0),

@@ -181,3 +181,27 @@ def test_clear_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_hf(tmp_path / "m")
+
+
+def test_blockwise_attention_equals_plain_attention_with_gradients():
+    from fd_jax.models.transformer import attention_mask, blockwise_attention, dot_product_attention
+    from fd_jax.models.transformer import segments_from_positions
+
+    rng = np.random.default_rng(0)
+    b, t, h, g, hd = 2, 16, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((b, t, h, hd), (b, t, g, hd), (b, t, g, hd)))
+    positions = np.array([list(range(16)), list(range(5)) + list(range(7)) + [-1] * 4])  # packed + padded
+    seg = segments_from_positions(positions)
+    mask = attention_mask(positions, positions, seg, seg)
+    weights = jnp.asarray(rng.normal(size=(b, t, h, hd)), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * weights)
+
+    plain = lambda q, k, v: dot_product_attention(q, k, v, mask, jnp.float32)  # noqa: E731
+    blocks = lambda q, k, v: blockwise_attention(q, k, v, mask, jnp.float32, block=4)  # noqa: E731
+    np.testing.assert_allclose(blocks(q, k, v), plain(q, k, v), atol=1e-6)
+    g_plain = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)
+    g_blocks = jax.grad(lambda *a: loss(blocks, *a), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(g_blocks, g_plain):
+        np.testing.assert_allclose(x, y, atol=1e-5)

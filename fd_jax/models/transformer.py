@@ -25,10 +25,12 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform
 
 
 class KVCache(NamedTuple):
-    """Static-size key/value cache: one [B, S, kv_heads, head_dim] array per layer, and per-slot positions.
+    """Static-size key/value cache: one [B, kv_heads, S, head_dim] array per layer, and per-slot positions.
 
     `positions_BS` is -1 on empty or padding slots; attention only reads slots whose position is >= 0 and
-    <= the query's position, so rows of different lengths can share one write index.
+    <= the query's position, so rows of different lengths can share one write index. Heads come before
+    slots so that both attention products are plain batched matrix products over (B, kv_heads): with
+    slots first, XLA's CPU backend transposed the whole cache in every layer at every decode step.
     """
 
     k: tuple[jax.Array, ...]
@@ -89,8 +91,39 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype):
     return out.reshape(b, t, h, hd)
 
 
+def blockwise_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype, block: int):
+    """`dot_product_attention` over blocks of `block` queries, each recomputed in the backward pass.
+
+    The [B, heads, T, T] scores and probabilities of a whole layer never exist at once, and none are kept
+    for the backward pass (only q, k, v are): on the training path this halves a step's peak memory at
+    the price of recomputing QKᵀ and the softmax, as flash attention does. Falls back to the plain
+    version when T is not a multiple of `block` (or block is 0).
+    """
+    b, t, h, hd = q_BTHK.shape
+    if block <= 0 or t <= block or t % block:
+        return dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dtype)
+    n = t // block
+    q_NBtHK = q_BTHK.reshape(b, n, block, h, hd).swapaxes(0, 1)
+    mask_NBtS = mask_BTS.reshape(b, n, block, mask_BTS.shape[-1]).swapaxes(0, 1)
+    one_block = jax.checkpoint(lambda q, mask, k, v: dot_product_attention(q, k, v, mask, dtype))
+    out_NBtHK = jax.lax.map(lambda xs: one_block(xs[0], xs[1], k_BSGK, v_BSGK), (q_NBtHK, mask_NBtS))
+    return out_NBtHK.swapaxes(0, 1).reshape(b, t, h, hd)
+
+
+def cached_attention(q_BTHK, k_BGSK, v_BGSK, mask_BTS, dtype):
+    """`dot_product_attention` against a cache laid out [B, kv_heads, S, head_dim]."""
+    b, t, h, hd = q_BTHK.shape
+    g = k_BGSK.shape[1]
+    q_BGRTK = q_BTHK.reshape(b, t, g, h // g, hd).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK, k_BGSK, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BTS[:, None, None], scores * hd**-0.5, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out_BGRTK = jnp.einsum("bgrts,bgsk->bgrtk", probs, v_BGSK)
+    return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_block: int = 128):
         d, h, g, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         p = functools.partial(_param, rngs)
         self.q = p((d, h, hd), param_dtype, ("embed", "heads", "head_dim"))
@@ -105,6 +138,7 @@ class Attention(nnx.Module):
         self.q_norm = norm() if cfg.qk_norm else None
         self.k_norm = norm() if cfg.qk_norm else None
         self.dtype = dtype
+        self.attention_block = attention_block
 
     def __call__(self, x_BTD, positions_BT, mask_BTS, inv_freq, kv=None, write_index=None):
         dt = self.dtype
@@ -115,12 +149,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BT, inv_freq)
         k = apply_rope(k, positions_BT, inv_freq)
-        if kv is not None:  # write this chunk's keys/values into the static cache, attend over all of it
+        if kv is None:
+            out = blockwise_attention(q, k.astype(dt), v.astype(dt), mask_BTS, dt, self.attention_block)
+        else:  # write this chunk's keys/values into the static cache, attend over all of it
             cache_k, cache_v = kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
-            kv = (k, v)
-        out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask_BTS, dt)
+            write = lambda cache, x_BTGK: jax.lax.dynamic_update_slice(
+                cache, x_BTGK.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, write_index, 0)
+            )
+            kv = (write(cache_k, k), write(cache_v, v))
+            out = cached_attention(q, kv[0].astype(dt), kv[1].astype(dt), mask_BTS, dt)
         return _linear(out, self.o, self.o_bias, dtype=dt, spec="bthk,hkd->btd"), kv
 
 
@@ -145,10 +182,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_block: int = 128):
         norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = norm(rngs=rngs)
-        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_block=attention_block)
         self.mlp_norm = norm(rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -166,6 +203,8 @@ class Transformer(nnx.Module):
     """The decoder. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights.
 
     `remat=True` recomputes each layer's activations in the backward pass (memory for compute).
+    `attention_block`: queries per block of the memory-efficient attention of the training path (full
+    sequences; 0 = plain attention); see `blockwise_attention`.
     """
 
     def __init__(
@@ -175,6 +214,7 @@ class Transformer(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: bool = False,
+        attention_block: int = 128,
         rngs: nnx.Rngs,
     ):
         self.config = cfg
@@ -182,7 +222,8 @@ class Transformer(nnx.Module):
         self.remat = remat
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype, ("vocab", "embed"))
         self.layers = nnx.List(
-            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_block=attention_block)
+             for _ in range(cfg.num_layers)]
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (
@@ -227,7 +268,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache of `max_len` slots per row."""
         cfg = self.config
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or self.dtype
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),

@@ -95,40 +95,11 @@ def build_policy(cfg: config_dict.ConfigDict, *, mesh: jax.sharding.Mesh | None,
     dtype, param_dtype = DTYPES[cfg.model.dtype], DTYPES[cfg.model.param_dtype]
     directory = model_dir(cfg)
     if directory is None:
-        model = _random_model(cfg, model_cfg, mesh)
+        model = init_model(model_cfg, seed=cfg.model.init_seed, dtype=dtype, param_dtype=param_dtype,
+                           remat=cfg.model.remat, mesh=mesh)
     else:
         model, _ = load_hf(directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh, remat=cfg.model.remat)
     return Policy(model, model_cfg, tokenizer)
-
-
-def _random_model(cfg: config_dict.ConfigDict, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None) -> Transformer:
-    """`init_model`'s random weights, drawn in one jitted program that writes each weight straight into
-    its sharding (eagerly, every initialiser is a separate compilation, and the whole model would first
-    materialise on one device)."""
-    if mesh is None:
-        return init_model(model_cfg, seed=cfg.model.init_seed, dtype=DTYPES[cfg.model.dtype],
-                          param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
-
-    def build() -> Transformer:
-        return Transformer(model_cfg, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype],
-                           remat=cfg.model.remat, rngs=nnx.Rngs(cfg.model.init_seed))
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    shardings = state_shardings(abstract, mesh)
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
-def state_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """NamedShardings for a pytree holding nnx Variables (params, teacher, optimizer moments): each
-    variable by its logical axes; everything else (step counters) replicated."""
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            return x.replace(sharding_lib.variable_sharding(x, mesh))
-        return sharding_lib.replicated(mesh)
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # -- the task ---------------------------------------------------------------------------------------------

@@ -244,6 +244,24 @@ def fd_loss(divergence_BT: Array, logp_BT: Array | None, old_logp_BT: Array | No
 # ---------------------------------------------------------------------------------------------------------
 
 
+def normaliser(kind: str, mask_BT: Array, *, max_completion_length: int, constant: float | None = None) -> Array:
+    """The denominator of a policy loss type or an FD aggregation over `mask_BT`: active tokens (dapo, bnpo,
+    token_mean), rows (grpo, which averages per-row means), rows x max length (dr_grpo), rows with a token
+    (seq_mean) or the constant (default B·T). Being counts, they add up over micro-batches: the train step
+    weights each micro-batch's loss by its share, which makes gradient accumulation exact."""
+    if kind in ("dapo", "bnpo", "token_mean"):
+        return jnp.sum(mask_BT)
+    if kind == "grpo":
+        return jnp.asarray(mask_BT.shape[0], jnp.float32)
+    if kind == "dr_grpo":
+        return jnp.asarray(mask_BT.shape[0] * max_completion_length, jnp.float32)
+    if kind == "seq_mean":
+        return jnp.sum(jnp.sum(mask_BT, axis=1) > 0).astype(jnp.float32)
+    if kind == "constant":
+        return jnp.asarray(mask_BT.size if constant is None else constant, jnp.float32)
+    raise ValueError(f"unknown loss aggregation {kind!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Static loss settings (hashable, so that a jitted step can take them as a static argument)."""

@@ -71,13 +71,16 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules=LOGICAL_RULES) -
     return NamedSharding(mesh, logical_to_spec(axes, np.shape(value), mesh, rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.State:
-    """A State of NamedShardings with the structure of `state` (params or optimizer state alike)."""
-    return jax.tree.map(
-        lambda v: v.replace(variable_sharding(v, mesh, rules)) if isinstance(v, nnx.Variable) else v,
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings with the structure of `state` (params, teacher, optimizer moments alike): each nnx
+    Variable by its logical axes; any other leaf (a step counter) replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(variable_sharding(x, mesh, rules))
+        return replicated(mesh)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.Module:

@@ -118,31 +118,15 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
     return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
 
 
-def _denominator(kind: str, mask_BC, *, max_completion_length: int, constant: float | None):
-    """The normaliser of each aggregation: the loss is (sum of per-token terms) / this, except `grpo` and
-    `seq_mean`, which average per-row means (rows for grpo, distilled rows for seq_mean). Being counts,
-    they add up over micro-batches, which is what makes accumulation exact."""
-    if kind in ("dapo", "bnpo", "token_mean"):
-        return jnp.sum(mask_BC)
-    if kind == "grpo":
-        return jnp.asarray(mask_BC.shape[0], jnp.float32)
-    if kind == "dr_grpo":
-        return jnp.asarray(mask_BC.shape[0] * max_completion_length, jnp.float32)
-    if kind == "seq_mean":
-        return jnp.sum(jnp.sum(mask_BC, axis=1) > 0).astype(jnp.float32)
-    if kind == "constant":
-        return jnp.asarray(mask_BC.size if constant is None else constant, jnp.float32)
-    raise ValueError(f"unknown loss aggregation {kind!r}")
-
-
 def _normalisers(mb, cfg: StepConfig):
     c = mb["completion_mask_BC"].shape[1]
     mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
     distill_BC = mask_BC * mb["distill_mask_B"][:, None]
     length = cfg.max_completion_length or c
     return {
-        "grpo": _denominator(cfg.loss_type, mask_BC, max_completion_length=length, constant=cfg.loss_agg_constant),
-        "fd": _denominator(cfg.loss_agg, distill_BC, max_completion_length=length, constant=cfg.loss_agg_constant),
+        "grpo": losses.normaliser(cfg.loss_type, mask_BC, max_completion_length=length),
+        "fd": losses.normaliser(cfg.loss_agg, distill_BC, max_completion_length=length,
+                                constant=cfg.loss_agg_constant),
     }
 
 

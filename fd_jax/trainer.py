@@ -127,7 +127,7 @@ def abstract_state(params: Any, optimizer, step_cfg, mesh: jax.sharding.Mesh | N
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    shardings = components.state_shardings(shapes, mesh)
+    shardings = sharding_lib.state_shardings(shapes, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

@@ -173,9 +173,17 @@ def init_model(
     remat: bool = False,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Transformer:
-    """A randomly initialised model (placed on `mesh` if given)."""
-    model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, rngs=nnx.Rngs(seed))
-    return sharding_lib.shard_module(model, mesh) if mesh is not None else model
+    """A randomly initialised model. With a mesh, the weights are drawn in one jitted program that writes
+    each straight into its sharding (never the whole model on one device first)."""
+
+    def build() -> Transformer:
+        return Transformer(cfg, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, rngs=nnx.Rngs(seed))
+
+    if mesh is None:
+        return build()
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=sharding_lib.state_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
 
 
 def load_hf(

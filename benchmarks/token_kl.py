@@ -1,21 +1,29 @@
-"""Benchmark: value-and-grad of `fused_divergence` against `reference_divergence` (materialised logits).
+"""Benchmark: value-and-grad of the fused divergence kernels against `reference_divergence` (materialised
+logits).
 
-    python benchmarks/token_kl.py [--quick] [--reps 5] [--mode full] [--alpha 1.0]
+    python benchmarks/token_kl.py [--quick] [--reps 5] [--mode full] [--alpha 1.0] [--shapes S,L]
+        [--dtypes float32,bfloat16] [--one-pass-chunk C] [--one-pass-tile T]
+
+The loss is mean_n D_n over N tokens (10% masked), differentiated w.r.t. the student hidden states and W:
+
+* `reference`: `reference_divergence`, [N, V] logits in memory (four [N, D] x [D, V] matmuls);
+* `fused`: `fused_divergence`, the per-token kernel whose backward recomputes every logit tile (six);
+* `one_pass`: `token_loss.fused_token_loss` with the per-token loss D_n / N: the gradient is formed while
+  the statistics are (four; the train step's default whenever its loss is a sum of per-token terms).
 
 Per shape (N tokens, D, V) and input dtype (f32, bf16): XLA's compiled temporary memory
-(`memory_analysis().temp_size_in_bytes`) and the median wall time of value-and-grad w.r.t. the student
-hidden states and W, the two functions run alternately (A B A B) in one process, every array passed as an
-argument (captured arrays would be constants that XLA folds). Prints one JSON object with the ratios
-fused / reference and the targets (memory <= 5%, time <= 0.8 in f32 and <= 0.6 with bf16 inputs).
-Process CPU seconds are reported beside wall seconds: the fused version does 1.5x the naive version's
-matmul work but keeps both cores busy, while the naive one spends much of its time in memory-bound passes
-over [N, V] arrays, so its wall-time lead needs an otherwise idle machine; on a shared one, read the CPU
-ratio too.
+(`memory_analysis().temp_size_in_bytes`) and the median wall time, the three run in turn (A B C A B C) in
+one process, every array passed as an argument (captured arrays would be constants that XLA folds); each
+variant's value and gradients are checked against the reference's. Prints one JSON object with the ratios
+to the reference and the targets (memory <= 5%, time <= 0.8 in f32 and <= 0.6 with bf16 inputs).
+Process CPU seconds are reported beside wall seconds: on a shared or oversubscribed machine wall time also
+counts time spent descheduled, and the reference's time varies most (its GB-sized temporaries are
+page-faulted in on every call), so read the CPU ratio too and compare several runs.
 
-On a GPU or TPU a second section times the fused engines (XLA scans, and Pallas where it runs) at a
-larger bf16 shape and reports achieved FLOP/s as a fraction of the chip's bf16 peak. FLOPs counted: the
-six [N, D] x [D, V] matmuls of the fused method (student and teacher logits forward, both again in the
-backward, d_h and dW), 12 N D V in all; the JSD and the Pallas backward do more work than counted.
+On a GPU or TPU a second section times the fused engines (XLA scans, Pallas where it runs, one pass) at a
+larger bf16 shape and reports achieved FLOP/s as a fraction of the chip's bf16 peak. FLOPs counted: 12 N D
+V for the two-pass engines (student and teacher logits forward, both again in the backward, d_h and dW),
+8 N D V for one pass; the JSD and the Pallas backward do more work than counted.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fd_jax.kernels import token_kl, token_kl_xla
+from fd_jax.kernels import token_kl, token_kl_xla, token_loss
 
 SHAPES = {"S": (2048, 256, 32768), "L": (2048, 576, 49152)}  # L: SmolLM2-135M's D and V
 ACCEL_SHAPE = (8192, 2048, 151936)  # a Qwen-sized vocabulary
@@ -57,6 +65,18 @@ def _value_and_grad(divergence_fn, **kwargs):
     return jax.jit(run)
 
 
+def _one_pass_value_and_grad(chunk=None, tile=None, **kwargs):
+    """The same loss, mean_n D_n over the N rows, through `fused_token_loss` (gradient in the same pass)."""
+    def run(hs, ht, w, mask):
+        ids = jnp.zeros(mask.shape, jnp.int32)
+        def loss(hs, w):
+            mean_div = lambda stats, aux: stats.divergence / hs.shape[0]  # noqa: E731
+            return token_loss.fused_token_loss(hs, ht, w, mask, ids, mean_div, token_chunk=chunk,
+                                              vocab_tile=tile, **kwargs)[0]
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, w)
+    return jax.jit(run)
+
+
 def _temp_bytes(fn, args) -> int:
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -78,7 +98,7 @@ def _interleaved_medians(fns: dict, args, reps: int) -> tuple[dict[str, float], 
     return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
 
 
-def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float) -> list[dict]:
+def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blocks: tuple) -> list[dict]:
     rows = []
     for shape_name in shapes:
         num, dim, vocab = SHAPES[shape_name]
@@ -86,25 +106,38 @@ def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float) -> list[dict
             args = _inputs(num, dim, vocab, dtype)
             kw = dict(alpha=alpha, mode=mode, top_k=64 if mode == "topk" else None)
             fns = {"reference": _value_and_grad(token_kl.reference_divergence, **kw),
-                   "fused": _value_and_grad(token_kl.fused_divergence, backend="xla", **kw)}
+                   "fused": _value_and_grad(token_kl.fused_divergence, backend="xla", **kw),
+                   "one_pass": _one_pass_value_and_grad(*one_pass_blocks, **kw)}
             mem = {name: _temp_bytes(fn, args) for name, fn in fns.items()}
             secs, cpu = _interleaved_medians(fns, args, reps)
-            mem_ratio = mem["fused"] / mem["reference"]
-            time_ratio = secs["fused"] / secs["reference"]
+            for name, fn in fns.items():  # the same value and gradients as the reference
+                _check_close(fns["reference"](*args), fn(*args), name)
             dtype_name = jnp.dtype(dtype).name
-            rows.append({
-                "shape": shape_name, "N": num, "D": dim, "V": vocab, "dtype": dtype_name,
-                "reference_temp_MiB": round(mem["reference"] / 2**20, 1),
-                "fused_temp_MiB": round(mem["fused"] / 2**20, 1),
-                "memory_ratio": round(mem_ratio, 4),
-                "reference_s": round(secs["reference"], 4), "fused_s": round(secs["fused"], 4),
-                "time_ratio": round(time_ratio, 3),
-                "reference_cpu_s": round(cpu["reference"], 4), "fused_cpu_s": round(cpu["fused"], 4),
-                "cpu_time_ratio": round(cpu["fused"] / cpu["reference"], 3),
-                "meets_targets": bool(mem_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME[dtype_name]),
-            })
+            row = {"shape": shape_name, "N": num, "D": dim, "V": vocab, "dtype": dtype_name,
+                   "reference_temp_MiB": round(mem["reference"] / 2**20, 1),
+                   "reference_s": round(secs["reference"], 4), "reference_cpu_s": round(cpu["reference"], 4)}
+            for name in ("fused", "one_pass"):
+                mem_ratio = mem[name] / mem["reference"]
+                time_ratio = secs[name] / secs["reference"]
+                row[name] = {
+                    "temp_MiB": round(mem[name] / 2**20, 1), "memory_ratio": round(mem_ratio, 4),
+                    "s": round(secs[name], 4), "time_ratio": round(time_ratio, 3), "cpu_s": round(cpu[name], 4),
+                    "cpu_time_ratio": round(cpu[name] / cpu["reference"], 3),
+                    "meets_targets": bool(mem_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME[dtype_name]),
+                }
+            rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
+
+
+def _check_close(ref, out, name):
+    """Raise if a variant's value or gradients stray from the reference's (bf16 inputs: loose)."""
+    (ref_value, ref_grads), (value, grads) = ref, out
+    for what, a, b in (("value", ref_value, value), ("d_h", ref_grads[0], grads[0]), ("dW", ref_grads[1], grads[1])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        err = float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-30))
+        if err > (2e-2 if ref_grads[0].dtype == jnp.bfloat16 else 1e-3):
+            raise AssertionError(f"{name}: {what} differs from the reference by {err:.2e} (relative to max)")
 
 
 def _peak_flops() -> tuple[str, float | None]:
@@ -128,11 +161,13 @@ def accelerator_section(reps: int, mode: str, alpha: float) -> dict:
             fns[backend] = fn
         except ValueError as err:  # the engine does not run on this platform or mode
             skipped[backend] = str(err)
+    fns["one_pass"] = _one_pass_value_and_grad(**kw)
     secs, _ = _interleaved_medians(fns, args, reps)
     out = {"device": kind, "bf16_peak_flops": peak, "N": num, "D": dim, "V": vocab, "skipped": skipped}
     for backend, sec in secs.items():
-        out[backend] = {"s": round(sec, 4), "flops_per_s": flops / sec,
-                        "fraction_of_bf16_peak": None if peak is None else round(flops / sec / peak, 3)}
+        done = flops * (8 / 12 if backend == "one_pass" else 1)
+        out[backend] = {"s": round(sec, 4), "flops_per_s": done / sec,
+                        "fraction_of_bf16_peak": None if peak is None else round(done / sec / peak, 3)}
     if "xla" in secs and "pallas" in secs:
         out["pallas_speedup_over_xla"] = round(secs["xla"] / secs["pallas"], 3)
     return out
@@ -144,15 +179,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per function (default 5)")
     parser.add_argument("--mode", default="full", choices=("full", "topk", "sampled_token"))
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--one-pass-chunk", type=int, default=None,
+                        help="token chunk of fused_token_loss (default token_loss.DEFAULT_LOSS_CHUNK)")
+    parser.add_argument("--one-pass-tile", type=int, default=None,
+                        help="vocabulary tile of fused_token_loss (default token_loss.DEFAULT_LOSS_TILE)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated input dtypes")
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names (S, L)")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
-    shapes = ("S",) if args.quick else ("S", "L")
+    shapes = args.shapes.split(",") if args.shapes else ("S",) if args.quick else ("S", "L")
     result = {
         "benchmark": "token_kl value_and_grad, fused vs reference",
         "backend": jax.default_backend(), "jax": jax.__version__, "reps": reps, "mode": args.mode,
         "alpha": args.alpha, "xla_blocks": list(token_kl_xla.DEFAULT_BLOCKS),
         "targets": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
-        "cases": cpu_section(shapes, (jnp.float32, jnp.bfloat16), reps, args.mode, args.alpha),
+        "one_pass_blocks": [args.one_pass_chunk or token_loss.DEFAULT_LOSS_CHUNK,
+                            args.one_pass_tile or token_loss.DEFAULT_LOSS_TILE],
+        "cases": cpu_section(shapes, [jnp.dtype(d) for d in args.dtypes.split(",")], reps, args.mode, args.alpha,
+                             (args.one_pass_chunk, args.one_pass_tile)),
     }
     if jax.default_backend() in ("gpu", "tpu"):
         result["accelerator"] = accelerator_section(reps, args.mode, args.alpha)

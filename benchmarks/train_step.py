@@ -7,7 +7,9 @@ Both variants do one FD update (reverse KL, alpha = 1, support `full`, EMA teach
 importance weight min(exp(logp - old_logp), is_clip)), f32, on the same model, batch and optimizer:
 
 * fused: `fd_jax.train_step.make_train_step` — one jitted call: teacher forward to hidden states, student
-  forward + backward, `fused_token_stats` (never builds [tokens, vocab] logits), AdamW, EMA.
+  forward + backward, the fused kernel (never builds [tokens, vocab] logits; `fused_token_loss`, the
+  gradient inside the statistics pass, unless --kernel-passes two: `fused_token_stats`), AdamW, EMA.
+  --also-two-pass times the two-pass variant as well, interleaved.
 * baseline: two jitted calls, as TRL/OPSD-style trainers do it: (1) the teacher forward returning
   materialised teacher logits [B, C, V] at the completion positions; (2) the student forward with
   materialised logits, log_softmax over the vocabulary, the per-token reverse KL, the same loss, its
@@ -43,6 +45,7 @@ otherwise). On XLA:CPU per-layer remat of the unrolled layer loop hardly changes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -202,7 +205,8 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
 
-def cpu_section(model_kwargs: dict, shape: tuple, reps: int, step_cfg: StepConfig, remat: bool) -> dict:
+def cpu_section(model_kwargs: dict, shape: tuple, reps: int, step_cfg: StepConfig, remat: bool,
+                two_pass: bool = False) -> dict:
     cfg = ModelConfig.from_hf(transformers.Qwen3Config(**model_kwargs))
     graphdef, params = nnx.split(init_model(cfg, seed=0, remat=remat))
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0))
@@ -232,17 +236,32 @@ def cpu_section(model_kwargs: dict, shape: tuple, reps: int, step_cfg: StepConfi
         state_b, metrics = update_fn(state_b, batch, t_logits_BCV)
         return metrics
 
+    variants = {"fused": run_fused, "baseline": run_baseline}
+    if two_pass:  # the same fused step with the kernel's two-pass (recomputing) gradient, interleaved too
+        two_cfg = dataclasses.replace(step_cfg, kernel_passes="two")
+        two_step, state_two = make_train_step(graphdef, optimizer, two_cfg), fresh_state(params, optimizer, two_cfg)
+        two_c, _ = _compile_step(jax.jit(two_step, donate_argnums=0), state_two, batch)
+
+        def run_two_pass():
+            nonlocal state_two
+            state_two, metrics = two_step(state_two, batch)
+            return metrics
+
+        variants["fused_two_pass"] = run_two_pass
+
     # Warm-up: the first step of each, from identical states; the first losses must agree.
     m_fused, m_base = run_fused(), run_baseline()  # the fused wrapper compiles its own jit here
+    if two_pass:
+        run_two_pass()
     loss_f, loss_b = float(m_fused["loss"]), float(m_base["loss"])
     gn_f, gn_b = float(m_fused["grad_norm"]), float(m_base["grad_norm"])
     assert _rel(loss_f, loss_b) <= LOSS_RTOL, f"first-step losses differ: fused {loss_f} vs baseline {loss_b}"
     assert _rel(gn_f, gn_b) <= GRAD_NORM_RTOL, f"first-step grad norms differ: fused {gn_f} vs baseline {gn_b}"
 
-    wall = {"fused": [], "baseline": []}
-    cpu = {"fused": [], "baseline": []}
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for _ in range(reps):  # A B A B: machine noise hits both alike
-        for name, fn in (("fused", run_fused), ("baseline", run_baseline)):
+        for name, fn in variants.items():
             _, w, c = _timed(fn)
             wall[name].append(w)
             cpu[name].append(c)
@@ -264,6 +283,7 @@ def cpu_section(model_kwargs: dict, shape: tuple, reps: int, step_cfg: StepConfi
                   "C": int(batch["completion_tokens_BC"].shape[1]),
                   "completion_tokens": int(jnp.sum(batch["completion_mask_BC"]))},
         "step_config": {"teacher": step_cfg.teacher, "alpha": step_cfg.alpha, "mode": step_cfg.distill_mode,
+                        "kernel_passes": step_cfg.kernel_passes, "loss_chunk": step_cfg.loss_chunk,
                         "token_chunk": step_cfg.token_chunk, "vocab_tile": step_cfg.vocab_tile},
         "first_step": {"fused_loss": loss_f, "baseline_loss": loss_b, "loss_rel_diff": _rel(loss_f, loss_b),
                        "fused_grad_norm": gn_f, "baseline_grad_norm": gn_b,
@@ -277,6 +297,10 @@ def cpu_section(model_kwargs: dict, shape: tuple, reps: int, step_cfg: StepConfi
         "memory_MiB": {"fused": fmt(mem_fused), "baseline_teacher_call": fmt(mem_teacher),
                        "baseline_update_call": fmt(mem_update), "state": _mib(state_bytes),
                        "baseline_peak": _mib(base_peak), "baseline_sum_of_calls": _mib(base_sum)},
+        **({"fused_two_pass": {"s": round(med["fused_two_pass"], 4), "cpu_s": round(med_cpu["fused_two_pass"], 4),
+                               "memory_MiB": fmt(_memory(two_c)),
+                               "one_pass_speedup": round(med["fused_two_pass"] / med["fused"], 3)}}
+           if two_pass else {}),
         "fused_bytes": mem_fused["bytes"], "baseline_bytes": base_peak,
         "speedup": round(med["baseline"] / med["fused"], 3),
         "cpu_time_speedup": round(med_cpu["baseline"] / med_cpu["fused"], 3),
@@ -347,19 +371,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--narrow-vocab", action="store_true", help="d 384 / vocab 16384 instead of d 256 / 32768")
     parser.add_argument("--token-chunk", type=int, default=None, help="fused kernel token chunk")
     parser.add_argument("--vocab-tile", type=int, default=None, help="fused kernel vocabulary tile")
+    parser.add_argument("--kernel-passes", default="auto", choices=("auto", "one", "two"),
+                        help="StepConfig.kernel_passes of the fused step")
+    parser.add_argument("--also-two-pass", action="store_true",
+                        help="also time the fused step with kernel_passes='two', interleaved")
     parser.add_argument("--mfu", action="store_true", help="run the MFU section on any backend")
     parser.add_argument("--mfu-remat", action="store_true", help="MFU section with per-layer remat")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     args = parser.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
     blocks = {k: v for k, v in (("token_chunk", args.token_chunk), ("vocab_tile", args.vocab_tile)) if v}
-    step_cfg = StepConfig(distill_weight=1.0, teacher="ema", alpha=1.0, distill_mode="full", **blocks)
+    step_cfg = StepConfig(distill_weight=1.0, teacher="ema", alpha=1.0, distill_mode="full",
+                          kernel_passes=args.kernel_passes, **blocks)
     result = {"benchmark": "FD train step, fused vs unfused (materialised logits)",
               "backend": jax.default_backend(), "jax": jax.__version__, "targets": TARGETS,
               "loadavg_start": os.getloadavg()}
     if jax.default_backend() == "cpu" or not args.mfu:
         model, shape = (TINY, QUICK_SHAPE) if args.quick else (NARROW_VOCAB if args.narrow_vocab else SMALL, CPU_SHAPE)
-        result["comparison"] = cpu_section(model, shape, reps, step_cfg, args.remat)
+        result["comparison"] = cpu_section(model, shape, reps, step_cfg, args.remat, args.also_two_pass)
         print(json.dumps(result["comparison"]), file=sys.stderr)
     if jax.default_backend() == "gpu" or args.mfu:
         model, shape = (TINY, QUICK_SHAPE) if args.quick else (ONE_B, GPU_SHAPE)

@@ -10,7 +10,10 @@
 * `fd_loss(divergence_BT, logp_BT, old_logp_BT, mask_BT, ...)`: the per-token divergence (from
   `fd_jax.kernels.token_kl.fused_token_stats`) times the stop-gradient importance weight
   min(exp(logp - old_logp), is_clip), aggregated by `loss_agg` (token_mean | seq_mean | constant).
-* `fd_grpo_loss(...)`: (1 - w) L_GRPO + w L_FD with the metrics of both, for the train step.
+* `fd_grpo_loss(...)`: (1 - w) L_GRPO + w L_FD with the metrics of both.
+* Per-token pieces for a loss folded into the kernel (`fd_jax.kernels.token_loss`, the train step's one-pass
+  path): `clipped_surrogate`, `k3_kl`, `fd_importance_weight`, and `policy_aggregation_weights` /
+  `fd_aggregation_weights`, the per-token weights that reproduce each (linear) aggregation.
 
 The `*_and_metrics` variants also return a dict of scalar metrics (clip fractions, importance weights, KL).
 Variants are looked up by name in registries; an unknown name raises a ValueError listing the known ones.
@@ -109,6 +112,32 @@ _POLICY_AGGREGATIONS = {"grpo": _agg_grpo, "bnpo": _agg_bnpo, "dr_grpo": _agg_dr
 LOSS_TYPES = tuple(sorted(_POLICY_AGGREGATIONS))
 
 
+def clipped_surrogate(log_ratio: Array, advantages: Array, *, eps_low: float, eps_high: float,
+                      delta: float | None = None) -> Array:
+    """Per-token GRPO term -min(ρ A, clip(ρ, 1 - eps_low, 1 + eps_high) A), ρ = exp(log_ratio) capped at
+    `delta` (dual clip) in the first product; elementwise, broadcasting."""
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    capped = ratio if delta is None else jnp.minimum(ratio, delta)
+    return -jnp.minimum(capped * advantages, clipped * advantages)
+
+
+def k3_kl(logp: Array, ref_logp: Array) -> Array:
+    """Per-token k3 estimate of KL(policy || reference): exp(r) - r - 1 with r = ref_logp - logp."""
+    diff = ref_logp - logp
+    return jnp.exp(diff) - diff - 1.0
+
+
+def policy_aggregation_weights(loss_type: str, mask_BT: Array, *, max_completion_length: int | None = None,
+                               num_items: Array | float | None = None) -> Array:
+    """[B, T] weights ω with Σ ω·loss_BT equal to `loss_type`'s aggregation of per-token losses (every
+    aggregation is linear in them); masked tokens get 0."""
+    aggregate = _lookup(_POLICY_AGGREGATIONS, loss_type, "loss_type")
+    mask_BT = jnp.asarray(mask_BT, jnp.float32)
+    return jax.grad(lambda x: aggregate(x, mask_BT, max_completion_length=max_completion_length,
+                                        num_items=num_items))(jnp.zeros_like(mask_BT))
+
+
 def _masked_mean(x_BT: Array, mask_BT: Array) -> Array:
     """Mean over active tokens; a per-sequence [B, 1] array counts once per sequence (as TRL logs it)."""
     if x_BT.shape[1] == 1:
@@ -130,16 +159,14 @@ def policy_loss_and_metrics(logp_BT: Array, old_logp_BT: Array | None, advantage
                                                                                        mask_BT)
     aggregate = _lookup(_POLICY_AGGREGATIONS, loss_type, "loss_type")
     ratio = jnp.exp(log_w)
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    capped = ratio if delta is None else jnp.minimum(ratio, delta)
     adv_B1 = advantages_B[:, None]
-    loss_BT = jnp.broadcast_to(-jnp.minimum(capped * adv_B1, clipped * adv_B1), logp_BT.shape)
+    loss_BT = jnp.broadcast_to(clipped_surrogate(log_w, adv_B1, eps_low=eps_low, eps_high=eps_high, delta=delta),
+                               logp_BT.shape)
     metrics: Metrics = {}
     if beta != 0.0:
         if ref_logp_BT is None:
             raise ValueError(f"losses: beta={beta} needs ref_logp_BT (the reference policy's log-probs)")
-        diff = ref_logp_BT - logp_BT
-        kl_BT = jnp.exp(diff) - diff - 1.0  # k3 estimate of KL(policy || reference)
+        kl_BT = k3_kl(logp_BT, ref_logp_BT)
         loss_BT = loss_BT + beta * kl_BT
         metrics["kl"] = _masked_mean(kl_BT, mask_BT)
     loss = aggregate(loss_BT, mask_BT, max_completion_length=max_completion_length, num_items=num_items)
@@ -217,7 +244,7 @@ def fd_loss_and_metrics(divergence_BT: Array, logp_BT: Array | None, old_logp_BT
         raw_BT = jnp.ones_like(divergence_BT)
     else:
         raw_BT = jnp.exp(jax.lax.stop_gradient(logp_BT - old_logp_BT))
-    weight_BT = raw_BT if is_clip is None else jnp.minimum(raw_BT, is_clip)
+    weight_BT = fd_importance_weight(logp_BT, old_logp_BT, is_clip=is_clip, like=divergence_BT)
     loss = aggregate(divergence_BT * weight_BT, mask_BT, normaliser)
     active = mask_BT > 0
     metrics = {
@@ -229,6 +256,23 @@ def fd_loss_and_metrics(divergence_BT: Array, logp_BT: Array | None, old_logp_BT
         "fd/tokens": jnp.sum(mask_BT),
     }
     return loss, jax.lax.stop_gradient(metrics)
+
+
+def fd_importance_weight(logp: Array | None, old_logp: Array | None, *, is_clip: float | None,
+                         like: Array | None = None) -> Array:
+    """The FD off-policy weight min(exp(logp - old_logp), is_clip), a constant (stop-gradient); ones (shaped
+    like `like`) when either log-prob is None; unclipped when is_clip is None. Elementwise."""
+    if logp is None or old_logp is None:
+        return jnp.ones_like(like)
+    raw = jnp.exp(jax.lax.stop_gradient(logp - old_logp))
+    return raw if is_clip is None else jnp.minimum(raw, is_clip)
+
+
+def fd_aggregation_weights(loss_agg: str, mask_BT: Array, *, normaliser: float | None = None) -> Array:
+    """[B, T] weights ω with Σ ω·x_BT equal to `loss_agg`'s aggregation of per-token terms x_BT."""
+    aggregate = _lookup(_FD_AGGREGATIONS, loss_agg, "loss_agg")
+    mask_BT = jnp.asarray(mask_BT, jnp.float32)
+    return jax.grad(lambda x: aggregate(x, mask_BT, normaliser))(jnp.zeros_like(mask_BT))
 
 
 def fd_loss(divergence_BT: Array, logp_BT: Array | None, old_logp_BT: Array | None, mask_BT: Array, *,

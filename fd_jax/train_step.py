@@ -8,6 +8,13 @@ The step is a pure function of (TrainState, batch); the trainer owns everything 
   one forward pass over the concatenated batch;
 * `base`: φ = θ₀, frozen.
 
+The kernel (`kernel_passes`): `one` folds the loss into the kernel as per-token terms (the GRPO surrogate with
+its aggregation weight, the importance-weighted divergence with its own), so the gradient is formed in the
+statistics pass (`fd_jax.kernels.token_loss`); `two` takes per-token statistics from `fused_token_stats`
+and forms the loss with `fd_jax.losses`, whose backward recomputes the logits. Both give the same loss,
+gradients and metrics; `auto` picks `one` unless the loss is GSPO's (sequence-level ratios) or the Pallas
+engine runs (TPU).
+
 Micro-batches (`micro_batches` > 1) are accumulated with `lax.scan`; each micro-batch's loss is weighted by
 its share of the whole batch's normaliser (tokens, rows, ...), so k micro-batches give the update of one
 batch up to float rounding.
@@ -26,9 +33,10 @@ import optax
 from flax import nnx
 
 from fd_jax import losses
-from fd_jax.kernels import token_kl
+from fd_jax.kernels import token_kl, token_loss
 
 TEACHERS = ("ema", "live", "base")
+KERNEL_PASSES = ("auto", "one", "two")
 
 BATCH_FIELDS = (
     "student_tokens_BS", "student_positions_BS", "teacher_tokens_BU", "teacher_positions_BU",
@@ -60,6 +68,8 @@ class StepConfig:
     token_chunk: int = token_kl.DEFAULT_TOKEN_CHUNK
     vocab_tile: int = token_kl.DEFAULT_VOCAB_TILE
     kernel_backend: str = "auto"
+    kernel_passes: str = "auto"  # one (gradient inside the statistics pass) | two (backward recomputes) | auto
+    loss_chunk: int = token_loss.DEFAULT_LOSS_CHUNK  # tokens per chunk of the one-pass kernel
 
     def __post_init__(self):
         if self.teacher not in TEACHERS:
@@ -70,6 +80,11 @@ class StepConfig:
             raise ValueError(f"step.ema_tau must be in (0, 1], got {self.ema_tau}")
         if self.micro_batches < 1:
             raise ValueError(f"step.micro_batches must be >= 1, got {self.micro_batches}")
+        if self.kernel_passes not in KERNEL_PASSES:
+            raise ValueError(f"step.kernel_passes must be one of {KERNEL_PASSES}, got {self.kernel_passes!r}")
+        if self.kernel_passes == "one" and self.importance_sampling_level != "token":
+            raise ValueError("step.kernel_passes='one' needs importance_sampling_level='token' (GSPO's sequence "
+                             "ratio is not a sum of per-token terms); use 'two' or 'auto'")
 
 
 class TrainState(NamedTuple):
@@ -130,6 +145,51 @@ def _normalisers(mb, cfg: StepConfig):
     }
 
 
+def _kernel_passes(cfg: StepConfig) -> str:
+    """`one` (fused_token_loss: the gradient in the statistics pass) or `two` (fused_token_stats, whose
+    backward recomputes the logits). One pass needs a loss that is a sum of per-token terms, which GSPO's
+    sequence-level ratio is not; `auto` also keeps the Pallas engine (two passes) where it runs."""
+    if cfg.kernel_passes != "auto":
+        return cfg.kernel_passes
+    if cfg.importance_sampling_level != "token":
+        return "two"
+    return "two" if token_kl._resolve_backend(cfg.kernel_backend, cfg.distill_mode) == "pallas" else "one"
+
+
+def _token_objective(stats: token_kl.TokenStats, aux: dict, *, cfg: StepConfig) -> jax.Array:
+    """The step's loss as per-token terms (elementwise; aux holds [N] arrays): the GRPO surrogate (+ k3
+    KL) and the importance-weighted divergence, each times its aggregation weight."""
+    w = cfg.distill_weight
+    loss = jnp.zeros_like(stats.logprob)
+    if w < 1:
+        grpo = losses.clipped_surrogate(stats.logprob - aux["old_logp"], aux["advantage"], eps_low=cfg.eps_low,
+                                        eps_high=cfg.eps_high)
+        if cfg.beta > 0:
+            grpo = grpo + cfg.beta * losses.k3_kl(stats.logprob, aux["ref_logp"])
+        loss = loss + (1 - w) * aux["grpo_weight"] * grpo
+    if w > 0:
+        weight = losses.fd_importance_weight(stats.logprob, aux["old_logp"], is_clip=cfg.is_clip)
+        loss = loss + w * aux["fd_weight"] * stats.divergence * weight
+    return loss
+
+
+def _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_N, kernel):
+    """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
+    b, c = mb["completion_tokens_BC"].shape
+    ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
+    h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+    ref_logp_N, _ = token_kl.token_logprobs_and_entropy(h_ref.reshape(b * c, -1), ref.unembedding, ids_N, mask_N,
+                                                        **kernel)
+    return jax.lax.stop_gradient(ref_logp_N.reshape(b, c))
+
+
+def _student_hidden(graphdef, params, mb):
+    student = nnx.merge(graphdef, params)
+    h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
+                        mb["student_index_BC"])
+    return h_BCD, student.unembedding
+
+
 def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig):
     """The loss of one micro-batch, already scaled by its share of the whole batch, and its metrics as sums
     (weighted by tokens) and maxima, to be combined over micro-batches."""
@@ -140,58 +200,71 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     distill_BC = mask_BC * mb["distill_mask_B"][:, None]
     w = cfg.distill_weight
     kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
+    shares = _normalisers(mb, cfg)
+    scale = {k: shares[k] / totals[k] for k in shares}
+    ref_logp_BC = None
+    if w < 1 and cfg.beta > 0:
+        ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_BC.reshape(-1),
+                                          kernel)
 
     if w > 0:
         hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
-        d = hs_BCD.shape[-1]
-        stats = token_kl.fused_token_stats(
-            hs_BCD.reshape(-1, d), ht_BCD.reshape(-1, d), w_DV, mask_BC.reshape(-1), ids_N,
-            w_teacher=w_teacher_DV, alpha=cfg.alpha, mode=cfg.distill_mode,
-            top_k=cfg.top_k if cfg.distill_mode == "topk" else None, add_tail=cfg.add_tail, **kernel)
-        logp_N, entropy_N, divergence_BC = stats.logprob, stats.entropy, stats.divergence.reshape(b, c)
     else:  # GRPO alone: no teacher pass at all
-        student = nnx.merge(graphdef, params)
-        h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
-                            mb["student_index_BC"])
-        logp_N, entropy_N = token_kl.token_logprobs_and_entropy(
-            h_BCD.reshape(b * c, -1), student.unembedding, ids_N, mask_BC.reshape(-1), **kernel)
-        divergence_BC = jnp.zeros((b, c), jnp.float32)
-    logp_BC, entropy_BC = logp_N.reshape(b, c), entropy_N.reshape(b, c)
+        (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(graphdef, params, mb), None, None
+    d = hs_BCD.shape[-1]
+    hs_ND = hs_BCD.reshape(-1, d)
+    ht_ND = None if ht_BCD is None else ht_BCD.reshape(-1, d)
+    divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
+                      add_tail=cfg.add_tail, w_teacher=w_teacher_DV)
 
-    shares = _normalisers(mb, cfg)
+    one_pass_loss = None
+    if _kernel_passes(cfg) == "one":
+        length = cfg.max_completion_length or c
+        aux = {"old_logp": old_logp_BC, "advantage": jnp.broadcast_to(mb["advantages_B"][:, None], (b, c)),
+               "grpo_weight": losses.policy_aggregation_weights(cfg.loss_type, mask_BC,
+                                                                max_completion_length=length) * scale["grpo"],
+               "fd_weight": losses.fd_aggregation_weights(cfg.loss_agg, distill_BC,
+                                                          normaliser=cfg.loss_agg_constant) * scale["fd"]}
+        if ref_logp_BC is not None:
+            aux["ref_logp"] = ref_logp_BC
+        aux = {k: v.reshape(-1).astype(jnp.float32) for k, v in aux.items()}
+        objective = functools.partial(_token_objective, cfg=cfg)
+        one_pass_loss, stats = token_loss.fused_token_loss(
+            hs_ND, ht_ND, w_DV, mask_BC.reshape(-1), ids_N, objective, aux, token_chunk=cfg.loss_chunk,
+            **(divergence if ht_ND is not None else {}))
+    elif ht_ND is not None:
+        stats = token_kl.fused_token_stats(hs_ND, ht_ND, w_DV, mask_BC.reshape(-1), ids_N, **divergence, **kernel)
+    else:
+        logp_N, entropy_N = token_kl.token_logprobs_and_entropy(hs_ND, w_DV, ids_N, mask_BC.reshape(-1), **kernel)
+        stats = token_kl.TokenStats(jnp.zeros_like(logp_N), logp_N, entropy_N)
+    logp_BC, entropy_BC, divergence_BC = (x.reshape(b, c) for x in (stats.logprob, stats.entropy, stats.divergence))
+
+    # With one pass, the stats are constants here: the losses below give the metrics (and the same value).
     loss = jnp.zeros((), jnp.float32)
     sums = {"tokens": jnp.sum(mask_BC), "distill_tokens": jnp.sum(distill_BC),
             "entropy": jnp.sum(entropy_BC * mask_BC), "kl": jnp.sum(divergence_BC * distill_BC)}
     maxes = {"kl_max": jnp.max(jnp.where(distill_BC > 0, divergence_BC, 0.0))}
     if w < 1:
-        ref_logp_BC = None
-        if cfg.beta > 0:
-            ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
-            h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
-                                mb["student_index_BC"])
-            ref_logp_N, _ = token_kl.token_logprobs_and_entropy(
-                h_ref.reshape(b * c, -1), ref.unembedding, ids_N, mask_BC.reshape(-1), **kernel)
-            ref_logp_BC = jax.lax.stop_gradient(ref_logp_N.reshape(b, c))
         grpo, grpo_metrics = losses.policy_loss_and_metrics(
             logp_BC, old_logp_BC, mb["advantages_B"], mask_BC, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
             eps_high=cfg.eps_high, importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_completion_length or c, beta=cfg.beta, ref_logp_BT=ref_logp_BC)
-        grpo = grpo * shares["grpo"] / totals["grpo"]
+        grpo = grpo * scale["grpo"]
         loss += (1 - w) * grpo
-        sums["grpo_loss"] = grpo
+        sums["grpo_loss"] = jax.lax.stop_gradient(grpo)
         sums.update({f"grpo/{k}": v * sums["tokens"] for k, v in grpo_metrics.items() if not k.endswith("_max")})
         maxes.update({f"grpo/{k}": v for k, v in grpo_metrics.items() if k.endswith("_max")})
     if w > 0:
         fd, fd_metrics = losses.fd_loss_and_metrics(
             divergence_BC, logp_BC, old_logp_BC, distill_BC, is_clip=cfg.is_clip, loss_agg=cfg.loss_agg,
             normaliser=cfg.loss_agg_constant)
-        fd = fd * shares["fd"] / totals["fd"]
+        fd = fd * scale["fd"]
         loss += w * fd
-        sums["fd_loss"] = fd
+        sums["fd_loss"] = jax.lax.stop_gradient(fd)
         for k in ("fd/is_weight_mean", "fd/is_clip_frac"):
             sums[k] = fd_metrics[k] * sums["distill_tokens"]
         maxes["fd/is_weight_max"] = fd_metrics["fd/is_weight_max"]
-    return loss, (sums, maxes)
+    return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
 
 
 def _split_micro(batch, k):

@@ -195,3 +195,26 @@ def test_fd_grpo_mixture():
         losses.fd_grpo_loss(cfg, **{**arrays, "divergence_BT": None})
     with pytest.raises(ValueError, match=r"loss_agg='sum'.*\['constant', 'seq_mean', 'token_mean'\]"):
         losses.LossConfig(loss_agg="sum")
+
+
+@pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
+def test_policy_aggregation_weights_reproduce_the_aggregation(loss_type):
+    rng = np.random.default_rng(5)
+    x_BT = rng.normal(size=(4, 7)).astype(np.float32)
+    mask_BT = (rng.random((4, 7)) < 0.7).astype(np.float32)
+    mask_BT[2] = 0.0  # an empty row
+    kw = dict(max_completion_length=9, num_items=None)
+    weights = losses.policy_aggregation_weights(loss_type, mask_BT, **kw)
+    want = losses._POLICY_AGGREGATIONS[loss_type](jnp.asarray(x_BT), jnp.asarray(mask_BT), **kw)
+    np.testing.assert_allclose(float(jnp.sum(weights * x_BT)), float(want), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(weights)[mask_BT == 0], 0.0)
+
+
+@pytest.mark.parametrize("loss_agg", losses.LOSS_AGGS)
+def test_fd_aggregation_weights_reproduce_the_aggregation(loss_agg):
+    rng = np.random.default_rng(6)
+    x_BT = rng.normal(size=(3, 5)).astype(np.float32)
+    mask_BT = (rng.random((3, 5)) < 0.6).astype(np.float32)
+    weights = losses.fd_aggregation_weights(loss_agg, mask_BT, normaliser=11.0)
+    want = losses._FD_AGGREGATIONS[loss_agg](jnp.asarray(x_BT), jnp.asarray(mask_BT), 11.0)
+    np.testing.assert_allclose(float(jnp.sum(weights * x_BT)), float(want), rtol=1e-5, atol=1e-7)

@@ -171,3 +171,38 @@ def test_sharded_step_equals_single_device(setup):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(x, np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(distill_weight=0.5, teacher="ema", alpha=0.5, loss_type="grpo", loss_agg="seq_mean"),
+    dict(distill_weight=0.0, teacher="live", loss_type="dapo", beta=0.1),
+    dict(distill_weight=0.3, teacher="live", fuse_live_passes=True, distill_mode="topk", top_k=5, loss_type="dr_grpo"),
+    dict(distill_weight=1.0, teacher="ema", distill_mode="sampled_token", loss_agg="constant"),
+], ids=["jsd-grpo-seq_mean", "grpo-alone-beta", "topk-live-dr_grpo", "sampled_token-constant"])
+def test_one_pass_kernel_gives_the_two_pass_loss_gradients_and_metrics(setup, overrides):
+    """The per-token loss folded into the kernel (one pass) against fused_token_stats + fd_jax.losses."""
+    graphdef, params, batch = setup
+    _, teacher = nnx.split(init_model(CFG, seed=3))
+    totals = _normalisers(jax.tree.map(jnp.asarray, batch), StepConfig(**overrides))
+    out = {}
+    for passes in ("one", "two"):
+        cfg = StepConfig(kernel_passes=passes, loss_chunk=8, **KERNEL, **overrides)
+        fn = lambda p, t: micro_batch_loss(p, t, t, jax.tree.map(jnp.asarray, batch), totals,  # noqa: E731
+                                           graphdef=graphdef, cfg=cfg)
+        out[passes] = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(params, teacher)
+    (loss1, (sums1, maxes1)), grads1 = out["one"]
+    (loss2, (sums2, maxes2)), grads2 = out["two"]
+    np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-5, atol=1e-7)
+    for key in sums2:
+        np.testing.assert_allclose(sums1[key], sums2[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in maxes2:
+        np.testing.assert_allclose(maxes1[key], maxes2[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads2[0]))
+    assert scale > 0
+    for g1, g2 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
+        np.testing.assert_allclose(g1, g2, atol=1e-5 * scale)
+
+
+def test_one_pass_needs_token_level_ratios():
+    with pytest.raises(ValueError, match="kernel_passes='one' needs importance_sampling_level='token'"):
+        StepConfig(kernel_passes="one", importance_sampling_level="sequence")

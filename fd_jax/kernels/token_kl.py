@@ -50,9 +50,10 @@ for tests), `auto` (Pallas on TPU, else XLA).
 
 Cost: value and gradient take six [N, D] x [D, V] matmuls (two forward, four backward; eight for the
 JSD) against the naive version's four, the price of never storing logits; on CPU the naive version's
-memory traffic over [N, V] arrays costs more than that (benchmarks/token_kl.py). Computing the gradient
-eagerly inside the forward saves nothing here: the exact softmax needs the normalisers before any
-gradient, and dW = Σ_n ct_n h_n g_nᵀ needs the per-token cotangents, known only in the backward.
+memory traffic over [N, V] arrays costs more than that (benchmarks/token_kl.py). The gradient cannot be
+formed inside this forward: dW = Σ_n ct_n h_n g_nᵀ needs the per-token cotangents, known only in the
+backward. When the caller's loss is a sum of per-token terms, `token_loss.fused_token_loss` knows them
+during the pass and needs four matmuls; the train step uses it unless the loss is GSPO's.
 """
 
 from __future__ import annotations
@@ -226,21 +227,29 @@ def _fused(hs, ht, w, wt, mask, ids, st: _Settings) -> TokenStats:
     return _fused_forward(hs, ht, w, wt, mask, ids, st)[0]
 
 
-def _fused_bwd(st: _Settings, saved, cts: TokenStats):
-    hs, ht, w, wt, mask, ids, res = saved
+def gradient_terms(st: _Settings, res: dict, ids_N: Array, c_div_N: Array, c_logp_N: Array, c_ent_N: Array):
+    """What the engines need to form d/ds of Σ_n (c_div·D + c_logp·log p_S(y) + c_ent·H) per token: the
+    plan, the per-token terms `tok` of `tiles.logit_grad`, and the sparse entries (cols_NK, coef_NK).
+    The cotangents must already be zero on masked tokens."""
     support = _ALL_SUPPORTS[st.mode]
     plan = support.plan(st)
-    on = (mask > 0).astype(jnp.float32)
-    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) * on for ct in cts)
-    a_extra, at_id, sparse = support.grad(st, res, c_div)
+    a_extra, at_id, sparse = support.grad(st, res, c_div_N)
     # d/ds of (c_logp log p_y + c_ent H) = c_logp (onehot_y - p) - c_ent p (log p + H).
-    tok = {"lse_s": res["lse_s"], "a": a_extra - c_logp - c_ent * res["entropy"], "b": -c_ent}
+    tok = {"lse_s": res["lse_s"], "a": a_extra - c_logp_N - c_ent_N * res["entropy"], "b": -c_ent_N}
     if plan.grad_div is not None:
-        tok.update(c_div=c_div, **{k: res[k] for k in ("div", "lse_t", "kl_pm") if k in res})
-    cols_NK, coef_NK = ids[:, None].astype(jnp.int32), (c_logp + at_id)[:, None]
+        tok.update(c_div=c_div_N, **{k: res[k] for k in ("div", "lse_t", "kl_pm") if k in res})
+    cols_NK, coef_NK = ids_N[:, None].astype(jnp.int32), (c_logp_N + at_id)[:, None]
     if sparse is not None:
         cols_NK = jnp.concatenate([cols_NK, sparse[0]], axis=1)
         coef_NK = jnp.concatenate([coef_NK, sparse[1]], axis=1)
+    return plan, tok, cols_NK, coef_NK
+
+
+def _fused_bwd(st: _Settings, saved, cts: TokenStats):
+    hs, ht, w, wt, mask, ids, res = saved
+    on = (mask > 0).astype(jnp.float32)
+    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) * on for ct in cts)
+    plan, tok, cols_NK, coef_NK = gradient_terms(st, res, ids, c_div, c_logp, c_ent)
     dh, dw = _ENGINES[st.backend].backward(hs, ht, w, wt, tok, cols_NK, coef_NK, plan)
     zero_ids = np.zeros(ids.shape, dtype=jax.dtypes.float0)
     zeros = [None if x is None else jnp.zeros_like(x) for x in (ht, wt)]

@@ -1,0 +1,204 @@
+"""A per-token loss of the student-teacher statistics, with its gradient computed in the same pass.
+
+`fused_token_stats` (token_kl.py) returns per-token statistics and leaves the loss to the caller; its
+backward cannot know the per-token cotangents before the loss is formed, so it recomputes every logit tile:
+six [N, D] x [D, V] matmuls per value-and-grad (teacher and student logits twice, d_h, dW). When the loss
+is a sum of per-token terms,
+
+    loss = Σ_n mask_n · token_loss(stats_n, aux_n),     stats_n = (D_alpha, log p_S(y_n), H(p_S)) of token n,
+
+each token's cotangent is known as soon as its own statistics are, so one pass suffices: for a chunk of C
+tokens the student and teacher logits [C, V] are formed once, the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
+d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. Memory is the chunk's
+[C, V] rows plus the [D, V] accumulator instead of [N, V]; `benchmarks/token_kl.py` measures both.
+
+`token_loss(stats: TokenStats, aux) -> [C]` must be elementwise over tokens: token n's term may read only
+stats[n] and aux[n] (aux is any pytree of [N, ...] arrays, a constant: no gradient flows into it). The
+GRPO family with token-level importance ratios and the FD loss are of this form once their aggregation
+weights (which read only masks) are folded into aux; GSPO's sequence-level ratio is not, and the train step
+then uses `fused_token_stats`. Called without differentiation, only the statistics pass runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fd_jax.kernels import tiles, token_kl, token_kl_xla
+from fd_jax.kernels.token_kl import TokenStats
+
+Array = jax.Array
+TokenLoss = Callable[[TokenStats, Any], Array]
+
+# (tokens C, vocabulary tile T). C x V f32 logits of both sides are kept per chunk; hᵀ g contracts over C,
+# which runs at half the speed of the other matmuls below C ~ 128 on CPU (benchmarks/token_kl.py).
+DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = 128, 2048
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
+    """One chunk of C tokens: its loss, stats and d_h, and its hᵀ g added into the dW accumulator.
+
+    Pass A visits the vocabulary tiles: each tile's logits (one matmul per side) update the online
+    statistics while still in cache and are kept in the [C, V] buffers. Then the statistics, the token
+    losses and their cotangents. Pass B revisits the tiles of the buffers: the logit gradient, d_h += g Wᵀ
+    and dW[:, tile] += hᵀ g. A ragged last tile is read at V - T, its already-seen columns masked.
+    """
+    loss, dw_DV, s_CV, t_CV = carry
+    hs_CD, ht_CD, ids_C, mask_C, aux_C = xs
+    support = token_kl._ALL_SUPPORTS[st.mode]
+    plan = support.plan(st)
+    num, vocab = s_CV.shape
+    unembed = token_kl_xla._Unembedding(w_DV, wt_DV, tile)
+    num_tiles = -(-vocab // tile)
+
+    def pass_a(carry, j):
+        state, top, s_CV, t_CV = carry
+        start, valid_T = unembed.position(j)
+        w_DT = unembed.student(start)
+        s_CT = _dot(hs_CD, w_DT)
+        s_CV = lax.dynamic_update_slice_in_dim(s_CV, s_CT, start, axis=1)
+        t_CT = None
+        if t_CV is not None:
+            t_CT = _dot(ht_CD, unembed.teacher(start, w_DT))
+            t_CV = lax.dynamic_update_slice_in_dim(t_CV, t_CT, start, axis=1)
+        state = tiles.online_update(state, s_CT, t_CT, valid_T)
+        if top is not None:
+            top = tiles.topk_update(top, s_CT, t_CT, start + jnp.arange(tile, dtype=jnp.int32), valid_T)
+        return (state, top, s_CV, t_CV), None
+
+    init = (tiles.online_init(num, plan.has_teacher, plan.sums),
+            None if plan.top_k is None else tiles.topk_init(num, plan.top_k), s_CV, t_CV)
+    (state, top, s_CV, t_CV), _ = lax.scan(pass_a, init, jnp.arange(num_tiles))
+    out = {**tiles.online_finish(state), **(top or {})}
+    if plan.pass2 is not None:
+        zeros = jnp.zeros((num,), jnp.float32)
+        out["kl_pm"], out["kl_qm"] = tiles.pass2_update((zeros, zeros), s_CV, t_CV, out["lse_s"], out["lse_t"],
+                                                        None, plan.pass2)
+    logit_s = jnp.take_along_axis(s_CV, ids_C[:, None], axis=1)[:, 0]
+    logit_t = None if t_CV is None else jnp.take_along_axis(t_CV, ids_C[:, None], axis=1)[:, 0]
+    div, res = support.value(st, out, logit_s, logit_t)
+    res.update(lse_s=out["lse_s"], entropy=out["entropy"])
+    on = mask_C > 0
+    stats = TokenStats(jnp.where(on, div, 0.0), jnp.where(on, logit_s - out["lse_s"], 0.0),
+                       jnp.where(on, out["entropy"], 0.0))
+
+    weight_C = on.astype(jnp.float32)
+    loss_C, vjp = jax.vjp(lambda stats: token_loss(stats, aux_C), stats)
+    (cts,) = vjp(weight_C)
+    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) * weight_C for ct in cts)
+    plan, tok, cols_CK, coef_CK = token_kl.gradient_terms(st, res, ids_C, c_div, c_logp, c_ent)
+    hs32_DC = hs_CD.T.astype(jnp.float32)
+
+    def pass_b(carry, j):
+        dh_CD, dw_DV = carry
+        start, valid_T = unembed.position(j)
+        w_DT = unembed.student(start)
+        s_CT = lax.dynamic_slice_in_dim(s_CV, start, tile, axis=1)
+        t_CT = None if t_CV is None else lax.dynamic_slice_in_dim(t_CV, start, tile, axis=1)
+        g_CT = tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T)
+        g_CT = token_kl_xla._add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T)
+        dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(hs32_DC, g_CT)
+        return (dh_CD + _dot(g_CT, w_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), None
+
+    dh_CD = jnp.zeros(hs_CD.shape, jnp.float32)
+    (dh_CD, dw_DV), _ = lax.scan(pass_b, (dh_CD, dw_DV), jnp.arange(num_tiles))
+    return (loss + jnp.sum(loss_C * weight_C), dw_DV, s_CV, t_CV), (stats, dh_CD)
+
+
+def _chunks(tree, chunk: int, num_chunks: int):
+    return jax.tree.map(lambda x: token_kl_xla._chunked(x, chunk, num_chunks), tree)
+
+
+def _unchunk(tree, num: int):
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num], tree)
+
+
+def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
+    """The loss and stats without gradients (the statistics pass of the XLA engine)."""
+    stats, _ = token_kl._fused_forward(hs, ht, w, wt, mask, ids, st)
+    stats = jax.tree.map(jax.lax.stop_gradient, stats)
+    return jnp.sum(token_loss(stats, aux) * (mask > 0)), stats
+
+
+def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
+    num, dim = hs.shape
+    vocab = w.shape[1]
+    chunk, num_chunks = token_kl_xla._blocks(num, st.token_chunk)
+    tile, _ = token_kl_xla._blocks(vocab, st.vocab_tile)
+    # A 16-bit W is widened tile by tile (`_Unembedding`), twice per chunk: an f32 copy of W would cost as
+    # much memory as the chunk buffers.
+    buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((dim, vocab), jnp.float32), buffer,
+            None if ht is None else buffer)
+    step = functools.partial(_chunk_value_and_grad, w_DV=w, wt_DV=wt, tile=tile, st=st, token_loss=token_loss)
+    (loss, dw, _, _), (stats, dh) = lax.scan(step, init, _chunks((hs, ht, ids, mask, aux), chunk, num_chunks))
+    return loss, _unchunk(stats, num), _unchunk(dh, num), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _token_loss(hs, ht, w, wt, mask, ids, aux, st, token_loss):
+    return _value(hs, ht, w, wt, mask, ids, aux, st, token_loss)
+
+
+def _token_loss_fwd(hs, ht, w, wt, mask, ids, aux, st, token_loss):
+    loss, stats, dh, dw = _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss)
+    # Empty arrays carry the input dtypes to the backward (residuals must be arrays).
+    return (loss, stats), (dh, dw, ht, wt, mask, ids, aux, jnp.zeros((0,), hs.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _token_loss_bwd(st, token_loss, saved, cts):
+    dh, dw, ht, wt, mask, ids, aux, h_like, w_like = saved
+    c_loss = jnp.asarray(cts[0], jnp.float32)  # the stats are outputs without gradient
+    zeros = [None if x is None else jnp.zeros_like(x) for x in (ht, wt)]
+    return ((c_loss * dh).astype(h_like.dtype), zeros[0], (c_loss * dw).astype(w_like.dtype), zeros[1],
+            jnp.zeros_like(mask), np.zeros(ids.shape, dtype=jax.dtypes.float0), jax.tree.map(jnp.zeros_like, aux))
+
+
+_token_loss.defvjp(_token_loss_fwd, _token_loss_bwd)
+
+
+def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array, mask: Array,
+                     sampled_ids: Array, token_loss: TokenLoss, aux: Any = None, *, alpha: float = 1.0,
+                     mode: str = "full", top_k: int | None = None, add_tail: bool = False,
+                     w_teacher: Array | None = None, token_chunk: int | None = None,
+                     vocab_tile: int | None = None) -> tuple[Array, TokenStats]:
+    """(Σ_n mask_n · token_loss(stats, aux)[n], stats) with the gradient formed in the same pass.
+
+    h_student: [N, D]; h_teacher: [N, D] or None (no teacher: the divergence is 0, only log-probs and
+    entropy); w_unembed: [D, V]; mask: [N] (1 = the token counts); sampled_ids: [N] the realised tokens;
+    token_loss(stats, aux) -> [C], elementwise over tokens (see the module doc), a pure function: close
+    over Python numbers only and pass arrays through `aux` (a pytree of [N, ...] arrays, no gradient).
+    alpha / mode / top_k / add_tail / w_teacher as in `fused_token_stats`. token_chunk, vocab_tile: block
+    sizes (default DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE); memory grows as 2 x chunk x V f32 plus an f32
+    [D, V] accumulator (and an f32 copy of a 16-bit W). Returns the scalar loss (differentiable
+    w.r.t. h_student and w_unembed) and the TokenStats (constants, zero where mask = 0).
+    """
+    if h_teacher is None:
+        token_kl._check(h_student, None, w_unembed, mask, sampled_ids, alpha=1.0, mode="full", top_k=None)
+        st = token_kl._settings(1.0, token_kl._NO_TEACHER, None, False, token_chunk or DEFAULT_LOSS_CHUNK,
+                                vocab_tile or DEFAULT_LOSS_TILE, "xla")
+    else:
+        token_kl._check(h_student, h_teacher, w_unembed, mask, sampled_ids, alpha=alpha, mode=mode, top_k=top_k,
+                        w_teacher=w_teacher)
+        st = token_kl._settings(alpha, mode, top_k, add_tail, token_chunk or DEFAULT_LOSS_CHUNK,
+                                vocab_tile or DEFAULT_LOSS_TILE, "xla")
+        h_teacher = jax.lax.stop_gradient(h_teacher)
+    w_teacher = None if w_teacher is None else jax.lax.stop_gradient(w_teacher)
+    aux = jax.tree.map(jax.lax.stop_gradient, aux)
+    num = h_student.shape[0]
+    for leaf in jax.tree.leaves(aux):
+        if leaf.ndim < 1 or leaf.shape[0] != num:
+            raise ValueError(f"fused_token_loss: every aux array must be [N={num}, ...], got shape {leaf.shape}")
+    loss, stats = _token_loss(h_student, h_teacher, w_unembed, w_teacher, jnp.asarray(mask, jnp.float32),
+                              jnp.asarray(sampled_ids, jnp.int32), aux, st, token_loss)
+    return loss, jax.tree.map(jax.lax.stop_gradient, stats)

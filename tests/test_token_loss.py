@@ -1,0 +1,136 @@
+"""`fused_token_loss` (the gradient inside the statistics pass) against autodiff through the naive reference.
+
+The oracle: `reference_token_stats` (materialised [N, V] logits), the same per-token loss applied to its
+statistics, and `jax.value_and_grad` of the masked sum. Tiny shapes (N=12, D=8, V=40) with token chunks of
+5, so the last chunk is padded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fd_jax.kernels import token_kl as tk
+from fd_jax.kernels.token_loss import fused_token_loss
+
+N, D, V, TOP_K = 12, 8, 40, 5
+SETTINGS = (
+    [("full", a, False) for a in (0.0, 0.5, 1.0)]
+    + [("topk", a, tail) for a in (0.0, 1.0) for tail in (False, True)]
+    + [("sampled_token", 1.0, False)]
+)
+
+
+def _data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hs = rng.normal(size=(N, D)).astype(np.float32)
+    ht = (hs + 0.7 * rng.normal(size=(N, D))).astype(np.float32)
+    w = rng.normal(size=(D, V)).astype(np.float32)
+    wt = (w + 0.3 * rng.normal(size=(D, V))).astype(np.float32)  # an EMA teacher's own unembedding
+    mask = (np.arange(N) % 5 != 3).astype(np.float32)  # tokens 3 and 8 are padding
+    ids = rng.integers(0, V, size=N).astype(np.int32)
+    aux = {"advantage": rng.normal(size=N).astype(np.float32),
+           "old_logp": (rng.normal(size=N) - 4.0).astype(np.float32)}
+    return hs, ht, w, wt, mask, ids, aux
+
+
+DATA = _data()
+
+
+def objective(stats: tk.TokenStats, aux) -> jax.Array:
+    """A per-token loss that reads every statistic and both aux arrays, non-linearly, with a clipped
+    stop-gradient importance weight: the shape of the train step's GRPO + FD mixture."""
+    ratio = jnp.exp(stats.logprob - aux["old_logp"])
+    grpo = -jnp.minimum(ratio * aux["advantage"], jnp.clip(ratio, 0.8, 1.2) * aux["advantage"])
+    weight = jnp.minimum(jnp.exp(jax.lax.stop_gradient(stats.logprob) - aux["old_logp"]), 2.0)
+    return 0.4 * grpo + 0.6 * stats.divergence * weight + 0.05 * stats.entropy**2
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(impl: str, mode: str | None, alpha: float, add_tail: bool, own_teacher_w: bool):
+    """jit(hs, ht, w, wt, mask, ids, aux) -> (loss, stats, (d hs, d ht, d w, d wt)). mode None: no teacher."""
+    kw = {} if mode is None else dict(alpha=alpha, mode=mode, top_k=TOP_K if mode == "topk" else None,
+                                      add_tail=add_tail)
+
+    def loss(hs, ht, w, wt, mask, ids, aux):
+        w_teacher = wt if own_teacher_w else None
+        if impl == "fused":
+            return fused_token_loss(hs, None if mode is None else ht, w, mask, ids, objective, aux, token_chunk=5,
+                                    vocab_tile=16,
+                                    **kw, **({} if mode is None else {"w_teacher": w_teacher}))
+        if mode is None:
+            logp_NV = jax.nn.log_softmax(hs @ w, axis=1)
+            stats = tk.TokenStats(jnp.zeros(N), jnp.take_along_axis(logp_NV, ids[:, None], 1)[:, 0],
+                                  -jnp.sum(jnp.exp(logp_NV) * logp_NV, axis=1))
+            stats = tk.TokenStats(*(jnp.where(mask > 0, x, 0.0) for x in stats))
+        else:
+            stats = tk.reference_token_stats(hs, ht, w, mask, ids, w_teacher=w_teacher, **kw)
+        return jnp.sum(objective(stats, aux) * mask), stats
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    return jax.jit(lambda *args: (lambda out: (out[0][0], out[0][1], out[1]))(grad(*args)))
+
+
+def _run(impl, setting, own_teacher_w=False, data=DATA):
+    loss, stats, grads = _compiled(impl, *setting, own_teacher_w)(*data)
+    return float(loss), [np.asarray(x) for x in stats], [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("setting", SETTINGS + [(None, 1.0, False)],
+                         ids=[f"{m}-a{a}{'-tail' if t else ''}" for m, a, t in SETTINGS] + ["no-teacher"])
+def test_value_and_gradients_equal_autodiff_of_the_reference(setting):
+    want_loss, want_stats, want_grads = _run("reference", setting)
+    loss, stats, grads = _run("fused", setting)
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
+    for name, got, want in zip(tk.TokenStats._fields, stats, want_stats):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+    for name, i in (("d_h_student", 0), ("d_w", 2)):
+        np.testing.assert_allclose(grads[i], want_grads[i], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_array_equal(grads[1], 0.0)  # nothing reaches the teacher
+    np.testing.assert_array_equal(grads[0][DATA[4] == 0], 0.0)  # nor masked tokens
+
+
+def test_teacher_with_its_own_unembedding():
+    setting = ("full", 1.0, False)
+    want_loss, _, want_grads = _run("reference", setting, own_teacher_w=True)
+    loss, _, grads = _run("fused", setting, own_teacher_w=True)
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-5)
+    np.testing.assert_allclose(grads[2], want_grads[2], rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(grads[3], 0.0)  # the teacher's W is a constant
+
+
+def test_value_without_gradient_equals_the_differentiated_value():
+    hs, ht, w, wt, mask, ids, aux = DATA
+    value = jax.jit(lambda *a: fused_token_loss(*a, objective, aux, token_chunk=5)[0])(hs, ht, w, mask, ids)
+    loss, _, _ = _run("fused", ("full", 1.0, False))
+    np.testing.assert_allclose(float(value), loss, rtol=1e-6)
+
+
+def test_chunk_size_does_not_change_the_result():
+    hs, ht, w, wt, mask, ids, aux = DATA
+    grads = [jax.grad(lambda h: fused_token_loss(h, ht, w, mask, ids, objective, aux, token_chunk=c)[0])(hs)
+             for c in (1, 7, N)]
+    for g in grads[1:]:
+        np.testing.assert_allclose(g, grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_inputs_stay_close_to_f32():
+    hs, ht, w, wt, mask, ids, aux = DATA
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    loss32, g32 = jax.value_and_grad(lambda h: fused_token_loss(h, ht, w, mask, ids, objective, aux)[0])(hs)
+    loss16, g16 = jax.value_and_grad(
+        lambda h: fused_token_loss(h, bf(ht), bf(w), mask, ids, objective, aux)[0])(bf(hs))
+    assert g16.dtype == jnp.bfloat16
+    # bf16 rounds h and W (8 bits of mantissa) before the f32 matmuls: logits move by ~1%.
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=5e-2)
+    np.testing.assert_allclose(np.asarray(g16, np.float32), g32, atol=0.1 * np.abs(g32).max())
+
+
+def test_aux_arrays_must_be_per_token():
+    hs, ht, w, wt, mask, ids, aux = DATA
+    with pytest.raises(ValueError, match=r"aux array must be \[N=12"):
+        fused_token_loss(hs, ht, w, mask, ids, objective, {"advantage": np.zeros(3, np.float32)})

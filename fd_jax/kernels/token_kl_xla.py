@@ -175,7 +175,8 @@ def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None
             s_CT = _dot(hs_CD, w_DT)
             t_CT = None if ht_cCD is None else _dot(ht_cCD[c], wt_DT)
             g_CT = tiles.logit_grad(s_CT, t_CT, {k: v[c] for k, v in tok_c.items()}, plan.grad_div, valid_T)
-            g_CT = _add_sparse(g_CT, cols_cCK[c], coef_cCK[c], start, j * tile, valid_T)
+            # Materialised once (XLA:CPU would otherwise fuse the chain into both matmuls and compute it twice).
+            g_CT = lax.optimization_barrier(_add_sparse(g_CT, cols_cCK[c], coef_cCK[c], start, j * tile, valid_T))
             dh_cCD = dh_cCD.at[c].add(_dot(g_CT, w_DT.T))
             return (dh_cCD, dw_DT + _dot(hs_CD.T.astype(jnp.float32), g_CT)), None
 

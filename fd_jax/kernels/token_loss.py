@@ -106,7 +106,9 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
         s_CT = lax.dynamic_slice_in_dim(s_CV, start, tile, axis=1)
         t_CT = None if t_CV is None else lax.dynamic_slice_in_dim(t_CV, start, tile, axis=1)
         g_CT = tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T)
-        g_CT = token_kl_xla._add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T)
+        # Materialise g once: left alone, XLA:CPU fuses its elementwise chain (exp included) into both
+        # matmuls' operands and computes it twice.
+        g_CT = lax.optimization_barrier(token_kl_xla._add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T))
         dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(hs32_DC, g_CT)
         return (dh_CD + _dot(g_CT, w_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), None
 

@@ -126,12 +126,15 @@ def build_problems(cfg: config_dict.ConfigDict, *, held_out: bool = False) -> li
 
 
 def build_format(cfg: config_dict.ConfigDict, tokenizer: Any):
-    name = cfg.data.prompt_format
-    if name == "arithmetic_chat":
-        return get_prompt_format("arithmetic", tokenizer=tokenizer)
-    if name == "lean_chat":
-        return get_prompt_format(name, tokenizer=tokenizer, system=cfg.data.system_prompt or None)
-    return get_prompt_format(name)
+    d = cfg.data
+    name, options = d.prompt_format, {"template": d.prompt_template} if d.prompt_template else {}
+    if name.endswith("_chat"):
+        options.update(tokenizer=tokenizer, system=d.system_prompt or None)
+    if name.startswith("arithmetic"):
+        from fd_jax.tasks.arithmetic import worked_examples
+
+        return get_prompt_format("arithmetic", examples=worked_examples(d.num_shots, level=d.level), **options)
+    return get_prompt_format(name, **options)
 
 
 def build_verifier(cfg: config_dict.ConfigDict):

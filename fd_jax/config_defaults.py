@@ -53,7 +53,9 @@ def data_config() -> config_dict.ConfigDict:
     d.problem_seed = 0  # task=arithmetic: seed of the generated training problems
     d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (disjoint stream)
     d.prompt_format = "arithmetic"  # arithmetic | arithmetic_chat | lean_completion | lean_chat
-    d.system_prompt = ""  # lean_chat: an optional system turn
+    d.prompt_template = ""  # template of the question: {context} {statement} {header} {informal} ("" = format default)
+    d.system_prompt = ""  # lean_chat | arithmetic_chat: an optional system turn
+    d.num_shots = 0  # task=arithmetic: solved examples of data.level shown before each question (never its own)
     d.problems_per_step = 8  # P problems per step over all hosts (each host rolls out P / hosts)
     d.shuffle_seed = 0  # seed of the epoch shuffles (the order resumes exactly from a checkpoint)
     return d
@@ -104,6 +106,11 @@ def step_config() -> config_dict.ConfigDict:
     s.token_chunk = placeholder(int)  # tokens per block of the fused divergence kernel (None = tuned default)
     s.vocab_tile = placeholder(int)  # vocabulary tile of the fused divergence kernel (None = tuned default)
     s.kernel_backend = "auto"  # auto | xla | pallas
+    # one: the gradient is formed inside the kernel's statistics pass (4 instead of 6 [N,D]x[D,V] matmuls,
+    # memory loss_chunk x V + an f32 [D, V] accumulator); two: the backward recomputes the logits (memory
+    # token_chunk x vocab_tile); auto: one, except for GSPO (sequence ratios) and the Pallas engine.
+    s.kernel_passes = "auto"  # auto | one | two
+    s.loss_chunk = placeholder(int)  # tokens per chunk of the one-pass kernel (None = tuned default)
     return s
 
 

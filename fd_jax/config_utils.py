@@ -15,7 +15,7 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.data.problems import LOADERS
-from fd_jax.data.prompts import PROMPT_FORMATS
+from fd_jax.data.prompts import PROMPT_FORMATS, fill
 from fd_jax.data.reprompt import RepromptTemplates
 from fd_jax.optim import SCHEDULES, OptimConfig
 from fd_jax.rollout import RolloutConfig
@@ -41,6 +41,7 @@ _FIXED_CHOICES = {
     "step.distill_mode": ("full", "topk", "sampled_token"),
     "step.importance_sampling_level": ("token", "sequence"),
     "step.kernel_backend": ("auto", "xla", "pallas"),
+    "step.kernel_passes": ("auto", "one", "two"),
     "optim.schedule": SCHEDULES,
     "feedback.provider": CONFIG_FEEDBACK_PROVIDERS,
     "log.progress": ("auto", "true", "false"),
@@ -53,7 +54,7 @@ _MINIMUM = {
     "step.micro_batches": 1, "step.top_k": 1,
     "checkpoint.every_steps": 0, "checkpoint.max_to_keep": 1, "log.every_steps": 1, "log.plot_every_steps": 1,
     "eval.every_steps": 0, "eval.num_problems": 1, "eval.n": 1, "eval.max_new_tokens": 1,
-    "data.num_problems": 0, "lean.workers": 0, "feedback.max_concurrency": 1,
+    "data.num_problems": 0, "data.num_shots": 0, "lean.workers": 0, "feedback.max_concurrency": 1,
 }  # fmt: skip
 
 
@@ -99,7 +100,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         value = get(cfg, path)
         if not isinstance(value, int) or value < minimum:
             raise _fail(path, value, f"must be an integer >= {minimum}")
-    for path in ("step.token_chunk", "step.vocab_tile"):
+    for path in ("step.token_chunk", "step.vocab_tile", "step.loss_chunk"):
         value = get(cfg, path)
         if value is not None and value < 1:
             raise _fail(path, value, "must be a positive block size, or None for the kernel's tuned default")
@@ -137,6 +138,16 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         raise _fail("data.prompt_format", d.prompt_format, "data.task=arithmetic needs arithmetic | arithmetic_chat")
     elif d.num_problems < 1:
         raise _fail("data.num_problems", d.num_problems, "data.task=arithmetic generates this many problems: >= 1")
+    if d.num_shots and d.task != "arithmetic":
+        raise _fail("data.num_shots", d.num_shots, "worked examples exist for data.task=arithmetic only; set 0")
+    if d.prompt_template:
+        try:
+            fill(d.prompt_template, context="", statement="", header="", informal="")
+        except ValueError as e:
+            raise _fail("data.prompt_template", d.prompt_template, str(e).split(";")[0]) from None
+    if d.system_prompt and not d.prompt_format.endswith("_chat"):
+        raise _fail("data.system_prompt", d.system_prompt,
+                    f"data.prompt_format={d.prompt_format} has no system turn; use a _chat format or ''")
     if cfg.feedback.provider in HTTP_PROVIDERS and not cfg.feedback.model and _uses_feedback(cfg):
         raise _fail("feedback.model", "", f"feedback.provider={cfg.feedback.provider} needs a model name")
     stages(cfg)  # the dataclasses' own checks, with the field named

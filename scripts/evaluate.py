@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--problem_seed", type=int, default=1234, help="seed of the generated arithmetic problems")
     data.add_argument("--prompt_format", default=None,
                       help="lean_completion | lean_chat | arithmetic | arithmetic_chat (default by task)")
+    data.add_argument("--template", default="",
+                      help="the question's template, fields {context} {statement} ('' = the format's; config data.prompt_template)")
+    data.add_argument("--system", default="", help="a system turn (chat formats; '' = the chat template's own)")
+    data.add_argument("--num_shots", type=int, default=0,
+                      help="arithmetic: solved examples of --level shown before each question (config data.num_shots)")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--n", type=int, default=32, help="samples per problem")
@@ -128,12 +133,21 @@ def load_task(args: argparse.Namespace, tokenizer: Any):
     fmt_name = args.prompt_format or DEFAULT_PROMPT_FORMATS[args.task]
     # The arithmetic format becomes a chat turn when it is given the tokenizer; lean_chat always needs it.
     registry_name = "arithmetic" if fmt_name == "arithmetic_chat" else fmt_name
-    fmt = get_prompt_format(registry_name, **({"tokenizer": tokenizer} if fmt_name.endswith("_chat") else {}))
+    chat = fmt_name.endswith("_chat")
+    if args.system and not chat:
+        raise SystemExit(f"--system: --prompt_format {fmt_name} has no system turn; use a _chat format")
+    if args.num_shots and args.task != "arithmetic":
+        raise SystemExit("--num_shots: worked examples exist for --task arithmetic only")
+    options: dict[str, Any] = {"tokenizer": tokenizer, "system": args.system or None} if chat else {}
+    if args.template:
+        options["template"] = args.template
     if args.task == "arithmetic":
-        from fd_jax.tasks.arithmetic import ArithmeticVerifier, make_problems
+        from fd_jax.tasks.arithmetic import ArithmeticVerifier, make_problems, worked_examples
 
+        fmt = get_prompt_format(registry_name, examples=worked_examples(args.num_shots, level=args.level), **options)
         problems = make_problems(args.num_problems or 32, seed=args.problem_seed, level=args.level)
         return problems, fmt, ArithmeticVerifier(), False
+    fmt = get_prompt_format(registry_name, **options)
 
     path = pathlib.Path(args.problems)
     if not path.is_file():

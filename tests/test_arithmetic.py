@@ -17,6 +17,7 @@ from fd_jax.tasks.arithmetic import (
     answer_of,
     check_answer,
     make_problems,
+    worked_examples,
 )
 
 STATEMENT = "Compute 4831 * 27 - 903."  # = 130437 - 903 = 129534
@@ -95,3 +96,42 @@ def test_format_renders_and_extracts_answers():
     assert (task.statement, task.id) == ("Compute 3 + 4.", "arith-0-0")
     assert check_answer(task.statement, task.code).status == "valid"
     assert fmt.demonstration(task) == "Compute 3 + 4.\nAnswer: 7"
+
+
+def test_worked_examples_are_distinct_solved_and_seeded():
+    examples = worked_examples(3, level="medium", seed=5)
+    assert examples == worked_examples(3, level="medium", seed=5)
+    assert len({s for s, _ in examples}) == 3
+    for statement, answer in examples:
+        assert answer == eval(re.fullmatch(r"Compute (.+)\.", statement).group(1))  # Python as the oracle
+    assert worked_examples(0) == []
+    tiny = ArithmeticLevel(1, 1, 1, "*")  # exactly 100 distinct statements "Compute a * b."
+    assert len(worked_examples(100, level=tiny)) == 100
+    with pytest.raises(ValueError, match="only 100 distinct problems, not 101"):
+        worked_examples(101, level=tiny)
+
+
+def test_examples_precede_the_question_and_never_give_its_answer():
+    examples = [("Compute 4 + 5.", 9), ("Compute 7 + 9.", 16)]
+    fmt = ArithmeticFormat(examples=examples)
+    problem = Problem("p", "Compute 3 + 4.")
+    assert fmt.render(problem, context="Hint.\n") == (
+        "Compute 4 + 5.\nAnswer: 9\n\nCompute 7 + 9.\nAnswer: 16\n\nHint.\nCompute 3 + 4.\nAnswer: "
+    )
+    # A problem that is one of the examples is asked without that example.
+    assert fmt.render(Problem("q", "Compute 7 + 9.")) == "Compute 4 + 5.\nAnswer: 9\n\nCompute 7 + 9.\nAnswer: "
+    # Extraction reads the completion only, so the examples' answers in the prompt are never taken.
+    assert fmt.extract(problem, "7\n\nCompute 1 + 1.").code == "7"
+    with pytest.raises(ValueError, match="system turn needs the chat format"):
+        ArithmeticFormat(system="You are a calculator.")
+
+
+def test_chat_examples_are_earlier_turns_and_feedback_reaches_only_the_question():
+    from fd_jax.data.char_tokenizer import build_char_tokenizer
+
+    fmt = ArithmeticFormat(tokenizer=build_char_tokenizer(), system="Be brief.", template="{context}{statement}",
+                           examples=[("Compute 4 + 5.", 9)])
+    text = fmt.render(Problem("p", "Compute 3 + 4."), context="Hint. ")
+    assert text == ("<bos>system: Be brief.\nuser: Compute 4 + 5.\nassistant: Answer: 9<eos>\n"
+                    "user: Hint. Compute 3 + 4.\nassistant: ")
+    assert not fmt.add_special_tokens  # the chat template wrote <bos>

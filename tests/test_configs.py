@@ -94,6 +94,11 @@ def _smoke(**overrides):
     ({"data__prompt_format": "lean_chat"}, "config.data.prompt_format = 'lean_chat': data.task=arithmetic needs"),
     ({"num_iterations": 0}, "config.num_iterations = 0: must be an integer >= 1"),
     ({"step__token_chunk": 0}, "config.step.token_chunk = 0: must be a positive block size"),
+    ({"data__num_shots": -1}, "config.data.num_shots = -1: must be an integer >= 0"),
+    ({"data__task": "lean", "data__path": __file__, "data__prompt_format": "lean_chat", "data__num_shots": 2},
+     "config.data.num_shots = 2: worked examples exist for data.task=arithmetic only"),
+    ({"data__prompt_template": "{question}"}, "config.data.prompt_template = '{question}': template field {question} is not one of"),
+    ({"data__system_prompt": "Be brief."}, "config.data.system_prompt = 'Be brief.': data.prompt_format=arithmetic has no system turn"),
 ])  # fmt: skip
 def test_bad_values_are_refused_with_the_field_named(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -123,3 +128,17 @@ def test_stage_layout_of_each_algorithm():
 def test_written_config_reads_back_identically():
     cfg = load("kimina_rl_1p7b_tpu")
     assert config_from_json(cfg.to_json_best_effort()).to_dict() == cfg.to_dict()
+
+
+def test_smollm2_config_asks_with_a_system_turn_and_worked_examples():
+    from fd_jax.components import build_format
+    from fd_jax.data import Problem
+    from fd_jax.data.char_tokenizer import build_char_tokenizer
+
+    cfg = load("smollm2_arith_cpu")
+    fmt = build_format(cfg, build_char_tokenizer())
+    text = fmt.render(Problem("p", "Compute 2 + 2."))
+    assert text.startswith(f"<bos>system: {cfg.data.system_prompt}\n")
+    assert text.count("assistant: Answer: ") == cfg.data.num_shots == 3  # each example answered in the asked form
+    assert text.endswith("<eos>\nuser: Compute 2 + 2.\nassistant: ")  # the bare question after the examples
+    assert build_format(load("smoke_cpu"), None).render(Problem("p", "Compute 2 + 2.")) == "Compute 2 + 2.\nAnswer: "

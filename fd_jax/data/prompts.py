@@ -9,7 +9,7 @@ fields `{context}`, `{header}`, `{informal}`, `{statement}`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fd_jax.data.extraction import extract_proof_task
@@ -109,9 +109,15 @@ class LeanChatFormat:
         return _lean_demonstration(task)
 
 
-def render_chat(tokenizer: Any, user: str, *, system: str | None = None) -> str:
-    """One user turn (after an optional system turn) rendered with a generation prompt, as text."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+def render_chat(
+    tokenizer: Any, user: str, *, system: str | None = None, turns: Sequence[tuple[str, str]] = ()
+) -> str:
+    """One user turn rendered with a generation prompt, as text: after an optional system turn and the
+    earlier (user, assistant) exchanges in `turns` (worked examples a small model imitates)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for asked, answered in turns:
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    messages.append({"role": "user", "content": user})
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use a completion format")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -8,9 +8,11 @@ is a sum of per-token terms,
     loss = Σ_n mask_n · token_loss(stats_n, aux_n),     stats_n = (D_alpha, log p_S(y_n), H(p_S)) of token n,
 
 each token's cotangent is known as soon as its own statistics are, so one pass suffices: for a chunk of C
-tokens the student and teacher logits [C, V] are formed once, the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
+tokens the student and teacher logits [C, V] are formed once (tile by tile, kept in two [C, V] buffers),
+the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
 d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. Memory is the chunk's
-[C, V] rows plus the [D, V] accumulator instead of [N, V]; `benchmarks/token_kl.py` measures both.
+[C, V] rows plus the [D, V] accumulator (aliased with dW's output when W is f32) instead of [N, V];
+`benchmarks/token_kl.py` measures both.
 
 `token_loss(stats: TokenStats, aux) -> [C]` must be elementwise over tokens: token n's term may read only
 stats[n] and aux[n] (aux is any pytree of [N, ...] arrays, a constant: no gradient flows into it). The
@@ -36,8 +38,8 @@ from fd_jax.kernels.token_kl import TokenStats
 Array = jax.Array
 TokenLoss = Callable[[TokenStats, Any], Array]
 
-# (tokens C, vocabulary tile T). C x V f32 logits of both sides are kept per chunk; hᵀ g contracts over C,
-# which runs at half the speed of the other matmuls below C ~ 128 on CPU (benchmarks/token_kl.py).
+# (tokens C, vocabulary tile T). C x V f32 logits of both sides are kept per chunk (32 MiB at V = 32768);
+# hᵀ g contracts over C, and on CPU matmuls with C or T much below these ran at half speed.
 DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = 128, 2048
 
 

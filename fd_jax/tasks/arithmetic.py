@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -201,14 +202,46 @@ class ArithmeticVerifier:
 
 ARITHMETIC_TEMPLATE = "{context}{statement}\nAnswer: "
 ARITHMETIC_CHAT_TEMPLATE = "{context}{statement}\nReply with 'Answer: ' followed by the integer."
+EXAMPLES_SEED = 1  # the stream worked examples come from: easy gives 4 + 5 = 9 and 7 + 9 = 16 (one carry, one not)
+
+
+def worked_examples(
+    k: int, *, level: str | ArithmeticLevel = "easy", seed: int = EXAMPLES_SEED
+) -> list[tuple[str, int]]:
+    """The first k distinct problems of the `seed` stream of `level`, solved: [(statement, answer)].
+
+    Raises ValueError when the level has fewer than k distinct problems."""
+    if k < 0:
+        raise ValueError(f"worked_examples: k must be >= 0, got {k}")
+    examples: dict[str, int] = {}
+    for problem in make_problems(100 * k, seed=seed, level=level):
+        if len(examples) == k:
+            break
+        examples.setdefault(problem.statement, answer_of(problem.statement))
+    if len(examples) < k:
+        raise ValueError(f"worked_examples: level {level!r} gave only {len(examples)} distinct problems, not {k}")
+    return list(examples.items())
 
 
 @dataclasses.dataclass
 class ArithmeticFormat:
-    """Prompt format of the test bed: completion style by default, a chat turn when `tokenizer` is given."""
+    """Prompt format of the test bed: completion style by default, a chat turn when `tokenizer` is given.
+
+    examples: worked examples (statement, answer) shown before the question, as earlier chat exchanges or
+    as earlier "question, answer" blocks: a small model copies their answer format (SmolLM2-135M-Instruct
+    answers "Compute 3 + 7." with prose without them). An example whose statement is the problem's own is
+    left out of that problem's prompt, so no prompt holds its answer. system: a system turn (chat only).
+    """
 
     template: str | None = None  # None: ARITHMETIC_TEMPLATE, or ARITHMETIC_CHAT_TEMPLATE with a tokenizer
     tokenizer: Any = None
+    system: str | None = None
+    examples: Sequence[tuple[str, int]] = ()
+
+    def __post_init__(self) -> None:
+        if self.system and self.tokenizer is None:
+            raise ValueError("ArithmeticFormat: a system turn needs the chat format (give the tokenizer)")
+        self.examples = tuple((str(statement), int(answer)) for statement, answer in self.examples)
 
     @property
     def add_special_tokens(self) -> bool:
@@ -217,8 +250,16 @@ class ArithmeticFormat:
     def render(self, problem: Problem, context: str = "") -> str:
         chat = self.tokenizer is not None
         template = self.template or (ARITHMETIC_CHAT_TEMPLATE if chat else ARITHMETIC_TEMPLATE)
-        text = fill(template, context=context, statement=problem.statement, header="", informal="")
-        return render_chat(self.tokenizer, text) if chat else text
+
+        def ask(statement: str, ctx: str = "") -> str:
+            return fill(template, context=ctx, statement=statement, header="", informal="")
+
+        shown = [(s, a) for s, a in self.examples if s != problem.statement]
+        if chat:
+            turns = [(ask(s), f"Answer: {a}") for s, a in shown]
+            return render_chat(self.tokenizer, ask(problem.statement, context), system=self.system, turns=turns)
+        # Completion style: the template ends with the answer cue, so an example's reply is the bare integer.
+        return "".join(f"{ask(s)}{a}\n\n" for s, a in shown) + ask(problem.statement, context)
 
     def extract(self, problem: Problem, completion: str) -> ProofTask:
         """The answer: the first line after the last 'Answer:' (or of the whole text when there is none)."""

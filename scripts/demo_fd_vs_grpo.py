@@ -1,0 +1,327 @@
+"""FD vs GRPO vs FD→GRPO on the same number of samples: three training runs, one figure, one summary.
+
+    python scripts/demo_fd_vs_grpo.py --out runs/demo      # SmolLM2-135M-Instruct, arithmetic, CPU
+
+Trains each algorithm with scripts/train_tpu.py (configs/smollm2_arith_cpu.py by default) into OUT/ALGO with
+identical sizes (steps, problems per step, generations per problem, completion budget, learning rate), so
+every run draws the same number of samples; evaluates the untrained model on the same held-out problems
+with the same sampling settings and seed as the runs' final evaluations (OUT/base, "step 0"); then writes
+
+    OUT/demo.png       reward, policy entropy and KL(student, teacher) per step, and pass@k against k
+    OUT/pass_at_k.png  pass@k of the base model and of each final policy (fd_jax.evaluation.plot_pass_at_k)
+    OUT/summary.json   the settings and, per run, the curves' summaries and the final evaluation
+
+Running it again resumes an interrupted run and redraws the figures from what the runs left.
+`--set FIELD=VALUE` overrides any config field in every run (e.g. `--set optim.learning_rate=2e-5`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
+LABELS = {"fd": "FD", "grpo": "GRPO", "fd_then_grpo": "FD→GRPO", "base": "base model"}
+SMOOTH = 5  # steps in the moving average drawn over the (noisy) per-step curves
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="directory of the runs, the figures and summary.json")
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "smollm2_arith_cpu.py"))
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of fd,grpo,fd_then_grpo")
+    p.add_argument("--steps", type=int, default=24, help="training steps of every run")
+    p.add_argument("--fd_steps", type=int, default=12, help="fd_then_grpo: steps of the FD stage")
+    p.add_argument("--problems_per_step", type=int, default=4)
+    p.add_argument("--num_generations", type=int, default=8, help="samples per problem (the GRPO group)")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="completion budget (training and evaluation)")
+    p.add_argument("--eval_problems", type=int, default=16, help="held-out problems of the final evaluation")
+    p.add_argument("--eval_n", type=int, default=8, help="samples per held-out problem")
+    p.add_argument("--ks", default="1,2,4,8", help="k values of pass@k (each <= eval_n)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other config override, applied to every run (repeatable)")
+    p.add_argument("--no_base", action="store_true", help="skip the evaluation of the untrained model")
+    p.add_argument("--plot_only", action="store_true", help="only redraw demo.png and summary.json")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Config field -> value as train_tpu.py reads it on its command line; the same for every run."""
+    ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
+    fields = {
+        "total_steps": args.steps, "fd_steps": args.fd_steps,
+        "data.problems_per_step": args.problems_per_step, "rollout.num_generations": args.num_generations,
+        "rollout.max_new_tokens": args.max_new_tokens, "eval.max_new_tokens": args.max_new_tokens,
+        "eval.num_problems": args.eval_problems, "eval.n": args.eval_n, "eval.ks": ks,
+        "eval.at_end": True, "eval.every_steps": 0,  # one evaluation per stage end: FD→GRPO also after its FD stage
+        "checkpoint.max_to_keep": 1, "export_hf": False,  # the demo needs neither old checkpoints nor exports
+        # The runs compile the same sampler and steps: the second and third take them from this cache.
+        "compilation_cache_dir": str(pathlib.Path(args.out).expanduser().resolve() / "xla_cache"),
+    }  # fmt: skip
+    out = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in fields.items()}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. optim.learning_rate=2e-5")
+        out[key.removeprefix("config.")] = value
+    return out
+
+
+def resolved_config(config_path: str, fields: Mapping[str, str]):
+    """The config file with `fields` applied (values parsed as Python literals where they are ones)."""
+    spec = importlib.util.spec_from_file_location("demo_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for path, text in fields.items():
+        *parents, key = path.split(".")
+        node = cfg
+        for parent in parents:
+            node = node[parent]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = {"true": True, "false": False}.get(text, text)
+        node[key] = value
+    return cfg
+
+
+def run(command: Sequence[str], log_path: pathlib.Path) -> int:
+    """Prints `command`, then runs it with its output appended to log_path; returns its exit status."""
+    print(shlex.join(command), flush=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+
+
+def evaluate_base(cfg, out: pathlib.Path) -> int:
+    """The untrained model through scripts/evaluate.py with the runs' evaluation settings: the same problems,
+    prompt, sampling and seed (one generate call, as the trainer makes), so it is every run's step 0."""
+    from fd_jax.components import model_dir
+
+    directory = model_dir(cfg)
+    if directory is None or cfg.data.task != "arithmetic":
+        print("base: only a pretrained model on the arithmetic test bed is evaluated here; skipped", flush=True)
+        return 0
+    d, e = cfg.data, cfg.eval
+    command = [
+        sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--model", str(directory),
+        "--task", "arithmetic", "--level", d.level, "--prompt_format", d.prompt_format,
+        "--template", d.prompt_template, "--system", d.system_prompt, "--num_shots", str(d.num_shots),
+        "--num_problems", str(e.num_problems), "--problem_seed", str(d.eval_problem_seed),
+        "--n", str(e.n), "--k", ",".join(str(k) for k in e.ks), "--max_new_tokens", str(e.max_new_tokens),
+        "--temperature", str(e.temperature), "--seed", str(e.seed), "--batch_problems", "0",
+        "--name", LABELS["base"], "--out", str(out / "base"),
+    ]  # fmt: skip
+    return run(command, out / "base.log")
+
+
+# -- reading the runs ---------------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else None
+
+
+def _report(workdir: pathlib.Path, step: int) -> dict[str, Any] | None:
+    path = workdir / "eval" / f"step_{step}" / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _eval_summary(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keys = ("pass_at_k", "entropy", "solved", "num_problems", "n", "statuses", "completion_tokens_mean")
+    return {k: report.get(k) for k in keys} | {"distinct_valid_per_problem":
+                                                report["diversity"]["distinct_valid_per_problem"]}
+
+
+def summarize_run(workdir: pathlib.Path, cfg, algorithm: str) -> dict[str, Any]:
+    """Curves and evaluations of one run from its metrics.jsonl and eval reports."""
+    from fd_jax.metrics_log import METRICS_FILE, read_jsonl
+
+    records = read_jsonl(workdir / METRICS_FILE)
+    per_step = cfg.data.problems_per_step * cfg.rollout.num_generations
+    quarter = max(1, len(records) // 4)
+    column = lambda key, rows=records: [r.get(key) for r in rows]  # noqa: E731
+    fd_rows = [r for r in records if r.get("stage") == "fd"]
+    summary = {
+        "steps_done": len(records),
+        "samples": len(records) * per_step,
+        "reward_mean": column("reward_mean"),
+        "entropy": column("entropy"),
+        "kl_mean": column("kl_mean"),
+        "reward_first_quarter": _mean(column("reward_mean")[:quarter]),
+        "reward_last_quarter": _mean(column("reward_mean")[-quarter:]),
+        "reward_all_steps": _mean(column("reward_mean")),
+        "entropy_first_3": _mean(column("entropy")[:3]),
+        "entropy_last_3": _mean(column("entropy")[-3:]),
+        "kl_mean_fd_steps": _mean(column("kl_mean", fd_rows)),
+        "kl_first_3_fd_steps": _mean(column("kl_mean", fd_rows)[:3]),
+        "kl_last_3_fd_steps": _mean(column("kl_mean", fd_rows)[-3:]),
+        "wall_s": sum(r.get("time/step_s") or 0.0 for r in records),
+        "final_eval": _eval_summary(_report(workdir, cfg.total_steps)),
+    }
+    if algorithm == "fd_then_grpo":
+        summary["fd_stage_eval"] = _eval_summary(_report(workdir, cfg.fd_steps))
+    return summary
+
+
+# -- the figure -----------------------------------------------------------------------------------------------
+
+
+def _smooth(steps: list[int], values: list[float | None]) -> tuple[list[int], list[float]]:
+    """Trailing moving average over SMOOTH steps, skipping missing values."""
+    points = [(s, v) for s, v in zip(steps, values) if v is not None]
+    out = []
+    for i in range(len(points)):
+        window = [v for _, v in points[max(0, i - SMOOTH + 1): i + 1]]
+        out.append(sum(window) / len(window))
+    return [s for s, _ in points], out
+
+
+def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], fd_steps: int | None,
+              title: str, path: pathlib.Path) -> pathlib.Path:
+    """Four panels: reward, entropy and KL against step (thin: per step; bold: moving average), and pass@k
+    against k (log2 axis) for the reports. Agg canvas: no display needed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(20, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    colors = {"fd": "tab:blue", "grpo": "tab:red", "fd_then_grpo": "tab:purple", "base": "black"}
+    panels = (("reward_mean", "reward (mean over the step's samples)"), ("entropy", "policy entropy (nats/token)"),
+              ("kl_mean", "KL(student, teacher), FD steps"))
+    for i, (key, name) in enumerate(panels):
+        ax = fig.add_subplot(1, 4, i + 1)
+        for algorithm, records in curves.items():
+            if key == "kl_mean":  # GRPO steps have no teacher; their KL entry is not a divergence to one
+                records = [r for r in records if r.get("stage") == "fd"]
+            steps, values = [r["step"] for r in records], [r.get(key) for r in records]
+            if not any(v is not None for v in values):
+                continue
+            color = colors.get(algorithm)
+            # FD→GRPO's FD stage is the FD run itself (same seeds): dashed, so that the FD line shows under it.
+            style = "--" if algorithm == "fd_then_grpo" else "-"
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(*_smooth(steps, values), style, color=color, linewidth=2, label=LABELS.get(algorithm, algorithm))
+        if fd_steps and "fd_then_grpo" in curves:
+            ax.axvline(fd_steps + 0.5, color=colors["fd_then_grpo"], linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 4, 4)
+    all_ks = set()
+    for label, report in reports.items():
+        curve = sorted((int(k), float(v)) for k, v in report["pass_at_k"].items())
+        all_ks.update(k for k, _ in curve)
+        algorithm = label.split(":")[0]
+        style = "--" if algorithm == "base" else ":" if label.endswith(":fd_stage") else "-"
+        entropy = f", H {report['entropy']:.2f}" if report.get("entropy") is not None else ""
+        name = LABELS.get(algorithm, algorithm) + (" (after its FD stage)" if label.endswith(":fd_stage") else "")
+        ax.plot(*zip(*curve), style, marker="o", color=colors.get(algorithm), label=f"{name}{entropy}")
+    if all_ks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
+    ax.set_ylim(0, 1.05)
+    ax.set_title("pass@k on held-out problems (H: eval entropy)", fontsize=10)
+    ax.set_xlabel("k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.14))  # above the low curves, below the high ones
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence[str], fields: Mapping[str, str],
+                  exit_codes: Mapping[str, int]) -> dict[str, Any]:
+    from fd_jax.evaluation import plot_pass_at_k
+    from fd_jax.metrics_log import METRICS_FILE, read_jsonl
+
+    runs = {a: summarize_run(out / a, cfg, a) for a in algorithms}
+    base_path = out / "base" / "report.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    per_step = cfg.data.problems_per_step * cfg.rollout.num_generations
+    summary = {
+        "config_file": config_file,
+        "overrides": dict(fields),
+        "samples_per_step": per_step,
+        "samples_per_run": per_step * cfg.total_steps,
+        "base_eval": _eval_summary(base),
+        "runs": runs,
+        "exit_codes": dict(exit_codes),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+    curves = {a: read_jsonl(out / a / METRICS_FILE) for a in algorithms}
+    reports = {"base": base} if base else {}
+    for a in algorithms:
+        if (final := _report(out / a, cfg.total_steps)) is not None:
+            reports[a] = final
+    if "fd_then_grpo" in algorithms and (fd_stage := _report(out / "fd_then_grpo", cfg.fd_steps)):
+        reports["fd_then_grpo:fd_stage"] = fd_stage
+    title = (f"{cfg.total_steps} steps x {cfg.data.problems_per_step} problems x {cfg.rollout.num_generations} "
+             f"samples = {per_step * cfg.total_steps} samples per run; arithmetic level {cfg.data.level}; "
+             f"pass@k on {cfg.eval.num_problems} held-out problems, n = {cfg.eval.n}")
+    plot_demo(curves, reports, cfg.fd_steps if "fd_then_grpo" in algorithms else None, title, out / "demo.png")
+    if reports:
+        plot_pass_at_k({LABELS.get(k.split(":")[0], k) + (" FD stage" if k.endswith(":fd_stage") else ""): r
+                        for k, r in reports.items()}, out / "pass_at_k.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    if unknown := sorted(set(algorithms) - set(ALGORITHMS)):
+        raise SystemExit(f"--algorithms: unknown {unknown}; choose from {list(ALGORITHMS)}")
+    out = pathlib.Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fields = overrides(args)
+    cfg = resolved_config(args.config, fields)
+    cfg.algorithm = "fd_then_grpo"  # the stage layout every run shares (fd_steps < total_steps is checked here)
+    from fd_jax.config_utils import validate
+
+    validate(cfg)
+    exit_codes: dict[str, int] = {}
+    if args.plot_only and (out / "summary.json").is_file():  # keep what the runs returned
+        exit_codes = json.loads((out / "summary.json").read_text()).get("exit_codes", {})
+    if not args.plot_only:
+        start = time.perf_counter()
+        if not args.no_base and not (out / "base" / "report.json").is_file():
+            exit_codes["base"] = evaluate_base(cfg, out)
+        for algorithm in algorithms:
+            command = [sys.executable, str(REPO_ROOT / "scripts" / "train_tpu.py"), "--config", args.config,
+                       "--workdir", str(out / algorithm), f"--config.algorithm={algorithm}",
+                       *(f"--config.{k}={v}" for k, v in fields.items())]
+            t0 = time.perf_counter()
+            exit_codes[algorithm] = run(command, out / f"{algorithm}.log")
+            print(f"{algorithm}: exit {exit_codes[algorithm]} after {time.perf_counter() - t0:.0f} s "
+                  f"(log {out / f'{algorithm}.log'})", flush=True)
+        print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
+    summary = write_outputs(out, cfg, args.config, algorithms, fields, exit_codes)
+    for algorithm, s in summary["runs"].items():
+        final = (s["final_eval"] or {}).get("pass_at_k")
+        print(f"{LABELS[algorithm]}: reward {s['reward_first_quarter']} -> {s['reward_last_quarter']}, "
+              f"entropy {s['entropy_first_3']} -> {s['entropy_last_3']}, final pass@k {final}", flush=True)
+    print(f"wrote {out / 'demo.png'}, {out / 'pass_at_k.png'}, {out / 'summary.json'}", flush=True)
+    return max(exit_codes.values(), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

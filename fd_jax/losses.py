@@ -244,7 +244,7 @@ def fd_loss_and_metrics(divergence_BT: Array, logp_BT: Array | None, old_logp_BT
         raw_BT = jnp.ones_like(divergence_BT)
     else:
         raw_BT = jnp.exp(jax.lax.stop_gradient(logp_BT - old_logp_BT))
-    weight_BT = fd_importance_weight(logp_BT, old_logp_BT, is_clip=is_clip, like=divergence_BT)
+    weight_BT = _cap(raw_BT, is_clip)
     loss = aggregate(divergence_BT * weight_BT, mask_BT, normaliser)
     active = mask_BT > 0
     metrics = {
@@ -258,14 +258,14 @@ def fd_loss_and_metrics(divergence_BT: Array, logp_BT: Array | None, old_logp_BT
     return loss, jax.lax.stop_gradient(metrics)
 
 
-def fd_importance_weight(logp: Array | None, old_logp: Array | None, *, is_clip: float | None,
-                         like: Array | None = None) -> Array:
-    """The FD off-policy weight min(exp(logp - old_logp), is_clip), a constant (stop-gradient); ones (shaped
-    like `like`) when either log-prob is None; unclipped when is_clip is None. Elementwise."""
-    if logp is None or old_logp is None:
-        return jnp.ones_like(like)
-    raw = jnp.exp(jax.lax.stop_gradient(logp - old_logp))
+def _cap(raw: Array, is_clip: float | None) -> Array:
     return raw if is_clip is None else jnp.minimum(raw, is_clip)
+
+
+def fd_importance_weight(logp: Array, old_logp: Array, *, is_clip: float | None) -> Array:
+    """The FD off-policy weight min(exp(logp - old_logp), is_clip), a constant (stop-gradient); unclipped
+    when is_clip is None. Elementwise."""
+    return _cap(jnp.exp(jax.lax.stop_gradient(logp - old_logp)), is_clip)
 
 
 def fd_aggregation_weights(loss_agg: str, mask_BT: Array, *, normaliser: float | None = None) -> Array:

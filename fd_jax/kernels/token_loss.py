@@ -96,8 +96,8 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
 
     weight_C = on.astype(jnp.float32)
     loss_C, vjp = jax.vjp(lambda stats: token_loss(stats, aux_C), stats)
-    (cts,) = vjp(weight_C)
-    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) * weight_C for ct in cts)
+    # Cotangent weight_C: masked tokens get none (token_loss is elementwise).
+    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) for ct in vjp(weight_C)[0])
     plan, tok, cols_CK, coef_CK = token_kl.gradient_terms(st, res, ids_C, c_div, c_logp, c_ent)
     hs32_DC = hs_CD.T.astype(jnp.float32)
 

@@ -18,12 +18,18 @@ engine runs (TPU).
 Micro-batches (`micro_batches` > 1) are accumulated with `lax.scan`; each micro-batch's loss is weighted by
 its share of the whole batch's normaliser (tokens, rows, ...), so k micro-batches give the update of one
 batch up to float rounding.
+
+On a mesh whose batch rows are split over devices, the kernels run under `shard_map` over those mesh axes
+(`TokenAxes`): each device loops over its own tokens with the whole unembedding, and the unembedding's
+gradient is summed over devices. Left to XLA's partitioner, a kernel's loop over token chunks (a scan cannot
+be split along its steps) would gather every token onto every device and repeat the whole computation there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +40,10 @@ from flax import nnx
 
 from fd_jax import losses
 from fd_jax.kernels import token_kl, token_loss
+
+# (mesh, axis names) over which the batch rows are split, or None: the kernels then run on each device's
+# tokens (`_over_tokens`).
+TokenAxes = tuple[jax.sharding.Mesh, tuple[str, ...]] | None
 
 TEACHERS = ("ema", "live", "base")
 KERNEL_PASSES = ("auto", "one", "two")
@@ -173,13 +183,52 @@ def _token_objective(stats: token_kl.TokenStats, aux: dict, *, cfg: StepConfig) 
     return loss
 
 
-def _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_N, kernel):
+def token_axes_of(batch: dict) -> TokenAxes:
+    """The mesh axes that split the batch rows (from the completion tokens' sharding), or None when the
+    rows sit whole on one device or are replicated."""
+    sharding = getattr(batch["completion_tokens_BC"], "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return None
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return (sharding.mesh, tuple(axes)) if _shards(sharding.mesh, axes) > 1 else None
+
+
+def _shards(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
+    """fn(*per_token, *shared) -> (sums, per-token outputs), with the per-token arguments ([N, ...] arrays,
+    pytrees of them or None) split over the devices of `token_axes` (`shard_map`) and the shared ones (W)
+    whole on each.
+
+    `sums` (a pytree of sums over tokens) is added over devices; the per-token outputs stay split. The shared
+    arguments' gradients are summed over devices by shard_map's transpose. Without token axes, or when the
+    devices do not divide N, fn runs as it is.
+    """
+    if token_axes is None or per_token[0].shape[0] % _shards(*token_axes):
+        return fn(*per_token, *shared)
+    mesh, axes = token_axes
+    split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+
+    def local(per_token, shared):
+        sums, outputs = fn(*per_token, *shared)
+        return jax.tree.map(lambda x: jax.lax.psum(x, axes), sums), outputs
+
+    # check_vma=False: the kernels' loops carry per-device values started from constants.
+    sharded = jax.shard_map(local, mesh=mesh, out_specs=(whole, split), check_vma=False,
+                            in_specs=(jax.tree.map(lambda _: split, per_token), jax.tree.map(lambda _: whole, shared)))
+    return sharded(per_token, shared)
+
+
+def _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_N, kernel, token_axes=None):
     """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
     b, c = mb["completion_tokens_BC"].shape
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
     h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
-    ref_logp_N, _ = token_kl.token_logprobs_and_entropy(h_ref.reshape(b * c, -1), ref.unembedding, ids_N, mask_N,
-                                                        **kernel)
+    _, (ref_logp_N, _) = _over_tokens(
+        lambda h, ids, mask, w: ((), token_kl.token_logprobs_and_entropy(h, w, ids, mask, **kernel)),
+        token_axes, (h_ref.reshape(b * c, -1), ids_N, mask_N), (ref.unembedding,))
     return jax.lax.stop_gradient(ref_logp_N.reshape(b, c))
 
 
@@ -190,9 +239,10 @@ def _student_hidden(graphdef, params, mb):
     return h_BCD, student.unembedding
 
 
-def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig):
+def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig,
+                     token_axes: TokenAxes = None):
     """The loss of one micro-batch, already scaled by its share of the whole batch, and its metrics as sums
-    (weighted by tokens) and maxima, to be combined over micro-batches."""
+    (weighted by tokens) and maxima, to be combined over micro-batches. token_axes: see `_over_tokens`."""
     b, c = mb["completion_tokens_BC"].shape
     mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
     ids_N = mb["completion_tokens_BC"].reshape(-1)
@@ -205,7 +255,7 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     ref_logp_BC = None
     if w < 1 and cfg.beta > 0:
         ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_BC.reshape(-1),
-                                          kernel)
+                                          kernel, token_axes)
 
     if w > 0:
         hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
@@ -215,7 +265,8 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     hs_ND = hs_BCD.reshape(-1, d)
     ht_ND = None if ht_BCD is None else ht_BCD.reshape(-1, d)
     divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
-                      add_tail=cfg.add_tail, w_teacher=w_teacher_DV)
+                      add_tail=cfg.add_tail)
+    mask_N = mask_BC.reshape(-1)
 
     one_pass_loss = None
     if _kernel_passes(cfg) == "one":
@@ -229,13 +280,22 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
             aux["ref_logp"] = ref_logp_BC
         aux = {k: v.reshape(-1).astype(jnp.float32) for k, v in aux.items()}
         objective = functools.partial(_token_objective, cfg=cfg)
-        one_pass_loss, stats = token_loss.fused_token_loss(
-            hs_ND, ht_ND, w_DV, mask_BC.reshape(-1), ids_N, objective, aux, token_chunk=cfg.loss_chunk,
-            **(divergence if ht_ND is not None else {}))
+
+        def one_pass(hs, ht, mask, ids, aux, w, wt):
+            return token_loss.fused_token_loss(hs, ht, w, mask, ids, objective, aux, token_chunk=cfg.loss_chunk,
+                                               **({} if ht is None else dict(divergence, w_teacher=wt)))
+
+        one_pass_loss, stats = _over_tokens(one_pass, token_axes, (hs_ND, ht_ND, mask_N, ids_N, aux),
+                                            (w_DV, w_teacher_DV))
     elif ht_ND is not None:
-        stats = token_kl.fused_token_stats(hs_ND, ht_ND, w_DV, mask_BC.reshape(-1), ids_N, **divergence, **kernel)
+        _, stats = _over_tokens(
+            lambda hs, ht, mask, ids, w, wt: ((), token_kl.fused_token_stats(hs, ht, w, mask, ids, w_teacher=wt,
+                                                                             **divergence, **kernel)),
+            token_axes, (hs_ND, ht_ND, mask_N, ids_N), (w_DV, w_teacher_DV))
     else:
-        logp_N, entropy_N = token_kl.token_logprobs_and_entropy(hs_ND, w_DV, ids_N, mask_BC.reshape(-1), **kernel)
+        _, (logp_N, entropy_N) = _over_tokens(
+            lambda hs, mask, ids, w: ((), token_kl.token_logprobs_and_entropy(hs, w, ids, mask, **kernel)),
+            token_axes, (hs_ND, mask_N, ids_N), (w_DV,))
         stats = token_kl.TokenStats(jnp.zeros_like(logp_N), logp_N, entropy_N)
     logp_BC, entropy_BC, divergence_BC = (x.reshape(b, c) for x in (stats.logprob, stats.entropy, stats.divergence))
 
@@ -280,10 +340,9 @@ def make_train_step(
     The state is donated: its buffers are reused for the new state.
     """
 
-    loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, token_axes: TokenAxes = None):
+        loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}
         b = batch["completion_tokens_BC"].shape[0]
         if b % cfg.micro_batches:
@@ -344,9 +403,11 @@ def make_train_step(
         shardings = jax.tree.map(
             lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None,
             state)
-        key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)))
+        token_axes = token_axes_of(batch)
+        key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
-            compiled[key] = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+            compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,
+                                    out_shardings=(shardings, None))
         return compiled[key](state, batch)
 
     return run

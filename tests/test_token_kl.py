@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fd_jax.kernels import token_kl as tk
+from fd_jax.kernels import token_kl_xla
 from fd_jax.kernels.divergences import categorical_divergence
 
 N, D, V, TOP_K = 12, 8, 40, 5
@@ -104,6 +105,26 @@ def test_masked_tokens_do_not_move_the_gradient():
         _, grads = _run("xla", setting)
         _, grads_junk = _run("xla", setting, (junk, ht, w, mask, ids, cts))
         np.testing.assert_allclose(grads_junk[2], grads[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", [("full", 0.5, False), ("topk", 1.0, True)], ids=["full-jsd", "topk-tail"])
+def test_chunks_without_counted_tokens_are_skipped_exactly(setting):
+    """The XLA engine computes only the token chunks that hold counted tokens, once those are moved to the
+    front: three counted tokens spread over the batch (one live chunk of five, two skipped), or none."""
+    hs, ht, w, _, ids, cts = DATA
+    for kept in ([1, 6, 11], []):
+        mask = np.isin(np.arange(N), kept).astype(np.float32)
+        ref_stats, ref_grads = _run("reference", setting, (hs, ht, w, mask, ids, cts))
+        stats, grads = _run("xla", setting, (hs, ht, w, mask, ids, cts))
+        _close(stats + grads, ref_stats + ref_grads, ["div", "logp", "entropy", "d_hs", "d_ht", "d_w"])
+        np.testing.assert_array_equal(grads[0][mask == 0], 0.0)
+
+
+def test_compaction_puts_counted_tokens_first():
+    order, live = token_kl_xla.compaction(jnp.asarray([0, 1, 0, 1, 1, 0, 0], jnp.float32), 2)
+    np.testing.assert_array_equal(order, [1, 3, 4, 0, 2, 5, 6])  # stable: counted, then masked, in order
+    assert int(live) == 2  # three counted tokens fill two chunks of two
+    assert int(token_kl_xla.compaction(jnp.zeros(4), 2)[1]) == 0
 
 
 @pytest.mark.parametrize("setting, chunks", [

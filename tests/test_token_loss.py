@@ -94,6 +94,24 @@ def test_value_and_gradients_equal_autodiff_of_the_reference(setting):
     np.testing.assert_array_equal(grads[0][DATA[4] == 0], 0.0)  # nor masked tokens
 
 
+@pytest.mark.parametrize("setting", [("full", 1.0, False), ("topk", 0.0, True)], ids=["full-rkl", "topk-tail"])
+def test_chunks_without_counted_tokens_are_skipped_exactly(setting):
+    """Only chunks holding counted tokens are computed (after moving them to the front): three counted
+    tokens spread over the batch, or none at all (loss, stats and gradients all zero)."""
+    hs, ht, w, wt, _, ids, aux = DATA
+    for kept in ([0, 7, 10], []):
+        mask = np.isin(np.arange(N), kept).astype(np.float32)
+        data = (hs, ht, w, wt, mask, ids, aux)
+        want_loss, want_stats, want_grads = _run("reference", setting, data=data)
+        loss, stats, grads = _run("fused", setting, data=data)
+        np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-7)
+        for name, got, want in zip(tk.TokenStats._fields, stats, want_stats):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+        for name, i in (("d_h_student", 0), ("d_w", 2)):
+            np.testing.assert_allclose(grads[i], want_grads[i], rtol=2e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_array_equal(grads[0][mask == 0], 0.0)
+
+
 def test_teacher_with_its_own_unembedding():
     setting = ("full", 1.0, False)
     want_loss, _, want_grads = _run("reference", setting, own_teacher_w=True)

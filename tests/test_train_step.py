@@ -4,6 +4,7 @@ sharding)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from fd_jax import losses, sharding
 from fd_jax.models import ModelConfig, init_model
 from fd_jax.optim import OptimConfig, make_optimizer
 from fd_jax.train_batch import pack_train_batch
-from fd_jax.train_step import StepConfig, init_train_state, make_train_step, micro_batch_loss, _normalisers
+from fd_jax.train_step import (StepConfig, _normalisers, _over_tokens, init_train_state, make_train_step,
+                               micro_batch_loss, token_axes_of)
 
 CFG = ModelConfig.from_hf(transformers.Qwen3Config(
     vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
@@ -171,6 +173,38 @@ def test_sharded_step_equals_single_device(setup):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
     for x, y in zip(jax.tree.leaves(single.params), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(x, np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_run_on_each_devices_tokens():
+    """On a mesh that splits the batch rows, `_over_tokens` gives each device its own tokens (the kernels'
+    chunk loops would otherwise run over every token on every device) with the same values and gradients,
+    the shared W's gradient summed over devices."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    batch = sharding.shard_batch(_batch(seed=2, rows=8), mesh)
+    token_axes = token_axes_of(batch)
+    assert token_axes == (mesh, ("data", "fsdp"))
+    assert token_axes_of(_batch(seed=2, rows=8)) is None  # host arrays: nothing to split
+    rng = np.random.default_rng(0)
+    h, w = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32), jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    seen = []
+
+    def kernel(h, w):
+        seen.append(h.shape)
+        y = jnp.tanh(h @ w)
+        return jnp.sum(y**2), y[:, 0]
+
+    def loss(h, w, axes):
+        total, first = _over_tokens(kernel, axes, (h,), (w,))
+        return total + jnp.sum(first * jnp.arange(64.0)), first
+
+    (want, want_first), want_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w, None)
+    (got, got_first), grads = jax.jit(jax.value_and_grad(functools.partial(loss, axes=token_axes), argnums=(0, 1),
+                                                         has_aux=True))(h, w)
+    assert seen[-1] == (16, 8)  # 64 tokens over data x fsdp = 4 devices
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got_first, want_first, rtol=1e-5, atol=1e-6)
+    for g, g_want in zip(grads, want_grads):
+        np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [

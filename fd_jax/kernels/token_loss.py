@@ -12,7 +12,8 @@ tokens the student and teacher logits [C, V] are formed once (tile by tile, kept
 the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
 d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. Memory is the chunk's
 [C, V] rows plus the [D, V] accumulator (aliased with dW's output when W is f32) instead of [N, V];
-`benchmarks/token_kl.py` measures both.
+`benchmarks/token_kl.py` measures both. Masked tokens cost nothing: the counted tokens are moved to the front
+(`token_kl_xla.compaction`) and only the chunks holding any are visited.
 
 `token_loss(stats: TokenStats, aux) -> [C]` must be elementwise over tokens: token n's term may read only
 stats[n] and aux[n] (aux is any pytree of [N, ...] arrays, a constant: no gradient flows into it). The
@@ -139,14 +140,28 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     vocab = w.shape[1]
     chunk, num_chunks = token_kl_xla._blocks(num, st.token_chunk)
     tile, _ = token_kl_xla._blocks(vocab, st.vocab_tile)
+    # Only chunks holding counted tokens are visited: the counted tokens go first (`compaction`), and the
+    # outputs of the chunks never visited keep their zeros (what a masked token gets anyway).
+    order, live_chunks = token_kl_xla.compaction(mask, chunk)
+    xs = _chunks(jax.tree.map(lambda x: x[order], (hs, ht, ids, mask, aux)), chunk, num_chunks)
     # A 16-bit W is widened tile by tile (`_Unembedding`), twice per chunk: an f32 copy of W would cost as
     # much memory as the chunk buffers.
     buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
     init = (jnp.zeros((), jnp.float32), jnp.zeros((dim, vocab), jnp.float32), buffer,
             None if ht is None else buffer)
+    outs = (TokenStats(*(jnp.zeros((num_chunks, chunk), jnp.float32) for _ in range(3))),
+            jnp.zeros((num_chunks, chunk, dim), jnp.float32))
     step = functools.partial(_chunk_value_and_grad, w_DV=w, wt_DV=wt, tile=tile, st=st, token_loss=token_loss)
-    (loss, dw, _, _), (stats, dh) = lax.scan(step, init, _chunks((hs, ht, ids, mask, aux), chunk, num_chunks))
-    return loss, _unchunk(stats, num), _unchunk(dh, num), dw
+
+    def one_chunk(c, carry):
+        carry, outs = carry
+        carry, out_c = step(carry, jax.tree.map(lambda x: x[c], xs))
+        return carry, jax.tree.map(lambda buf, x: buf.at[c].set(x), outs, out_c)
+
+    (loss, dw, _, _), (stats, dh) = lax.fori_loop(0, live_chunks, one_chunk, (init, outs))
+    restore = jnp.argsort(order)
+    stats, dh = jax.tree.map(lambda x: x[restore], _unchunk((stats, dh), num))
+    return loss, stats, dh, dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

@@ -198,38 +198,44 @@ def _shards(mesh, axes) -> int:
 
 
 def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
-    """fn(*per_token, *shared) -> (sums, per-token outputs), with the per-token arguments ([N, ...] arrays,
-    pytrees of them or None) split over the devices of `token_axes` (`shard_map`) and the shared ones (W)
-    whole on each.
+    """fn(*per_token, *shared) -> (sums, per-token outputs) on the tokens of a [B, C] grid (rows x
+    completion positions), with the rows split over the devices of `token_axes` (`shard_map`) and the shared
+    arguments (W) whole on each.
 
-    `sums` (a pytree of sums over tokens) is added over devices; the per-token outputs stay split. The shared
-    arguments' gradients are summed over devices by shard_map's transpose. Without token axes, or when the
-    devices do not divide N, fn runs as it is.
+    per_token: [B, C, ...] arrays, pytrees of them or None; fn sees them flattened to [tokens, ...] and
+    returns `sums` (a pytree of sums over tokens, added over devices) and per-token outputs ([tokens, ...],
+    returned as [B, C, ...]). The shared arguments' gradients are summed over devices by shard_map's
+    transpose. Without token axes, or when the devices do not divide B, fn runs on all rows at once.
     """
-    if token_axes is None or per_token[0].shape[0] % _shards(*token_axes):
-        return fn(*per_token, *shared)
+    rows, cols = per_token[0].shape[:2]
+
+    def local(per_token, shared):
+        sums, outputs = fn(*jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), per_token), *shared)
+        return sums, jax.tree.map(lambda x: x.reshape(-1, cols, *x.shape[1:]), outputs)
+
+    if token_axes is None or rows % _shards(*token_axes):
+        return local(per_token, shared)
     mesh, axes = token_axes
     split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
 
-    def local(per_token, shared):
-        sums, outputs = fn(*per_token, *shared)
+    def on_device(per_token, shared):
+        sums, outputs = local(per_token, shared)
         return jax.tree.map(lambda x: jax.lax.psum(x, axes), sums), outputs
 
     # check_vma=False: the kernels' loops carry per-device values started from constants.
-    sharded = jax.shard_map(local, mesh=mesh, out_specs=(whole, split), check_vma=False,
+    sharded = jax.shard_map(on_device, mesh=mesh, out_specs=(whole, split), check_vma=False,
                             in_specs=(jax.tree.map(lambda _: split, per_token), jax.tree.map(lambda _: whole, shared)))
     return sharded(per_token, shared)
 
 
-def _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_N, kernel, token_axes=None):
+def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes=None):
     """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
-    b, c = mb["completion_tokens_BC"].shape
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
     h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
-    _, (ref_logp_N, _) = _over_tokens(
+    _, (ref_logp_BC, _) = _over_tokens(
         lambda h, ids, mask, w: ((), token_kl.token_logprobs_and_entropy(h, w, ids, mask, **kernel)),
-        token_axes, (h_ref.reshape(b * c, -1), ids_N, mask_N), (ref.unembedding,))
-    return jax.lax.stop_gradient(ref_logp_N.reshape(b, c))
+        token_axes, (h_ref, mb["completion_tokens_BC"], mask_BC), (ref.unembedding,))
+    return jax.lax.stop_gradient(ref_logp_BC)
 
 
 def _student_hidden(graphdef, params, mb):
@@ -245,7 +251,7 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     (weighted by tokens) and maxima, to be combined over micro-batches. token_axes: see `_over_tokens`."""
     b, c = mb["completion_tokens_BC"].shape
     mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
-    ids_N = mb["completion_tokens_BC"].reshape(-1)
+    ids_BC = mb["completion_tokens_BC"]
     old_logp_BC = mb["old_logprobs_BC"].astype(jnp.float32)
     distill_BC = mask_BC * mb["distill_mask_B"][:, None]
     w = cfg.distill_weight
@@ -254,19 +260,14 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     scale = {k: shares[k] / totals[k] for k in shares}
     ref_logp_BC = None
     if w < 1 and cfg.beta > 0:
-        ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, ids_N, mask_BC.reshape(-1),
-                                          kernel, token_axes)
+        ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes)
 
     if w > 0:
         hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
     else:  # GRPO alone: no teacher pass at all
         (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(graphdef, params, mb), None, None
-    d = hs_BCD.shape[-1]
-    hs_ND = hs_BCD.reshape(-1, d)
-    ht_ND = None if ht_BCD is None else ht_BCD.reshape(-1, d)
     divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
                       add_tail=cfg.add_tail)
-    mask_N = mask_BC.reshape(-1)
 
     one_pass_loss = None
     if _kernel_passes(cfg) == "one":
@@ -278,26 +279,26 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
                                                           normaliser=cfg.loss_agg_constant) * scale["fd"]}
         if ref_logp_BC is not None:
             aux["ref_logp"] = ref_logp_BC
-        aux = {k: v.reshape(-1).astype(jnp.float32) for k, v in aux.items()}
+        aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
         objective = functools.partial(_token_objective, cfg=cfg)
 
         def one_pass(hs, ht, mask, ids, aux, w, wt):
             return token_loss.fused_token_loss(hs, ht, w, mask, ids, objective, aux, token_chunk=cfg.loss_chunk,
                                                **({} if ht is None else dict(divergence, w_teacher=wt)))
 
-        one_pass_loss, stats = _over_tokens(one_pass, token_axes, (hs_ND, ht_ND, mask_N, ids_N, aux),
+        one_pass_loss, stats = _over_tokens(one_pass, token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC, aux),
                                             (w_DV, w_teacher_DV))
-    elif ht_ND is not None:
+    elif ht_BCD is not None:
         _, stats = _over_tokens(
             lambda hs, ht, mask, ids, w, wt: ((), token_kl.fused_token_stats(hs, ht, w, mask, ids, w_teacher=wt,
                                                                              **divergence, **kernel)),
-            token_axes, (hs_ND, ht_ND, mask_N, ids_N), (w_DV, w_teacher_DV))
+            token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC), (w_DV, w_teacher_DV))
     else:
-        _, (logp_N, entropy_N) = _over_tokens(
+        _, (logp_BC, entropy_BC) = _over_tokens(
             lambda hs, mask, ids, w: ((), token_kl.token_logprobs_and_entropy(hs, w, ids, mask, **kernel)),
-            token_axes, (hs_ND, mask_N, ids_N), (w_DV,))
-        stats = token_kl.TokenStats(jnp.zeros_like(logp_N), logp_N, entropy_N)
-    logp_BC, entropy_BC, divergence_BC = (x.reshape(b, c) for x in (stats.logprob, stats.entropy, stats.divergence))
+            token_axes, (hs_BCD, mask_BC, ids_BC), (w_DV,))
+        stats = token_kl.TokenStats(jnp.zeros_like(logp_BC), logp_BC, entropy_BC)
+    logp_BC, entropy_BC, divergence_BC = stats.logprob, stats.entropy, stats.divergence
 
     # With one pass, the stats are constants here: the losses below give the metrics (and the same value).
     loss = jnp.zeros((), jnp.float32)

@@ -155,10 +155,14 @@ def test_micro_batches_give_the_same_update(setup):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-def test_sharded_step_equals_single_device(setup):
+@pytest.mark.parametrize("cfg", [
+    SHARED_CFG,  # one pass
+    StepConfig(distill_weight=0.5, teacher="live", importance_sampling_level="sequence", beta=0.1, **KERNEL),
+], ids=["one-pass", "two-pass-gspo-reference"])
+def test_sharded_step_equals_single_device(setup, cfg):
+    """The kernels run per device on their rows (`_over_tokens`): the same update as on one device."""
     graphdef, params, _ = setup
     batch = _batch(seed=2, rows=8)
-    cfg = SHARED_CFG
     step, optimizer = cached_step(graphdef, cfg, sgd=True)
     state, _ = _state(params, cfg, optimizer=optimizer)
     single, m1 = step(state, batch)
@@ -176,16 +180,16 @@ def test_sharded_step_equals_single_device(setup):
 
 
 def test_kernels_run_on_each_devices_tokens():
-    """On a mesh that splits the batch rows, `_over_tokens` gives each device its own tokens (the kernels'
-    chunk loops would otherwise run over every token on every device) with the same values and gradients,
-    the shared W's gradient summed over devices."""
+    """On a mesh that splits the batch rows, `_over_tokens` gives each device its own rows' tokens (the
+    kernels' chunk loops would otherwise run over every token on every device) with the same values and
+    gradients, the shared W's gradient summed over devices."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     batch = sharding.shard_batch(_batch(seed=2, rows=8), mesh)
     token_axes = token_axes_of(batch)
     assert token_axes == (mesh, ("data", "fsdp"))
     assert token_axes_of(_batch(seed=2, rows=8)) is None  # host arrays: nothing to split
     rng = np.random.default_rng(0)
-    h, w = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32), jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+    h, w = jnp.asarray(rng.normal(size=(8, 6, 4)), jnp.float32), jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
     seen = []
 
     def kernel(h, w):
@@ -195,12 +199,13 @@ def test_kernels_run_on_each_devices_tokens():
 
     def loss(h, w, axes):
         total, first = _over_tokens(kernel, axes, (h,), (w,))
-        return total + jnp.sum(first * jnp.arange(64.0)), first
+        return total + jnp.sum(first * jnp.arange(48.0).reshape(8, 6)), first
 
     (want, want_first), want_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w, None)
     (got, got_first), grads = jax.jit(jax.value_and_grad(functools.partial(loss, axes=token_axes), argnums=(0, 1),
                                                          has_aux=True))(h, w)
-    assert seen[-1] == (16, 8)  # 64 tokens over data x fsdp = 4 devices
+    assert seen[0] == (48, 4) and seen[-1] == (12, 4)  # 8 rows x 6 tokens over data x fsdp = 4 devices
+    assert got_first.shape == (8, 6)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(got_first, want_first, rtol=1e-5, atol=1e-6)
     for g, g_want in zip(grads, want_grads):

@@ -20,9 +20,11 @@ its share of the whole batch's normaliser (tokens, rows, ...), so k micro-batche
 batch up to float rounding.
 
 On a mesh whose batch rows are split over devices, the kernels run under `shard_map` over those mesh axes
-(`TokenAxes`): each device loops over its own tokens with the whole unembedding, and the unembedding's
-gradient is summed over devices. Left to XLA's partitioner, a kernel's loop over token chunks (a scan cannot
-be split along its steps) would gather every token onto every device and repeat the whole computation there.
+(`TokenAxes`, `data` and `fsdp`): each device loops over its own rows' tokens with the whole unembedding,
+and the unembedding's gradient is summed over devices. Devices along the other axes (`tensor`) hold the same
+rows and repeat their kernel. Left to XLA's partitioner, a kernel's loop over token chunks (a scan cannot be
+split along its steps) would gather every token onto every device and repeat the whole computation there.
+Micro-batches take every k-th row (`_split_micro`), so each stays spread over the devices.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,8 +44,8 @@ from flax import nnx
 from fd_jax import losses
 from fd_jax.kernels import token_kl, token_loss
 
-# (mesh, axis names) over which the batch rows are split, or None: the kernels then run on each device's
-# tokens (`_over_tokens`).
+# (mesh, axis names) over which the batch rows are split: the kernels then run on each device's rows
+# (`_over_tokens`). None: they see all rows at once.
 TokenAxes = tuple[jax.sharding.Mesh, tuple[str, ...]] | None
 
 TEACHERS = ("ema", "live", "base")
@@ -205,7 +208,8 @@ def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
     per_token: [B, C, ...] arrays, pytrees of them or None; fn sees them flattened to [tokens, ...] and
     returns `sums` (a pytree of sums over tokens, added over devices) and per-token outputs ([tokens, ...],
     returned as [B, C, ...]). The shared arguments' gradients are summed over devices by shard_map's
-    transpose. Without token axes, or when the devices do not divide B, fn runs on all rows at once.
+    transpose. Without token axes fn runs on all rows at once; so it does, with a warning, when the devices
+    do not divide B (every device then repeats the whole kernel).
     """
     rows, cols = per_token[0].shape[:2]
 
@@ -213,9 +217,15 @@ def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
         sums, outputs = fn(*jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), per_token), *shared)
         return sums, jax.tree.map(lambda x: x.reshape(-1, cols, *x.shape[1:]), outputs)
 
-    if token_axes is None or rows % _shards(*token_axes):
+    if token_axes is None:
         return local(per_token, shared)
     mesh, axes = token_axes
+    if rows % _shards(mesh, axes):
+        warnings.warn(f"a micro-batch of {rows} rows does not split over the {_shards(mesh, axes)} devices of mesh "
+                      f"axes {axes}: every device computes the loss kernel of all rows. Make the rows per "
+                      "micro-batch (rows per step / step.micro_batches) a multiple of mesh.data x mesh.fsdp.",
+                      stacklevel=2)
+        return local(per_token, shared)
     split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
 
     def on_device(per_token, shared):
@@ -232,9 +242,11 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
     """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
     h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
-    _, (ref_logp_BC, _) = _over_tokens(
-        lambda h, ids, mask, w: ((), token_kl.token_logprobs_and_entropy(h, w, ids, mask, **kernel)),
-        token_axes, (h_ref, mb["completion_tokens_BC"], mask_BC), (ref.unembedding,))
+    def logprobs(h_ND, ids_N, mask_N, w_DV):
+        return (), token_kl.token_logprobs_and_entropy(h_ND, w_DV, ids_N, mask_N, **kernel)
+
+    _, (ref_logp_BC, _) = _over_tokens(logprobs, token_axes, (h_ref, mb["completion_tokens_BC"], mask_BC),
+                                       (ref.unembedding,))
     return jax.lax.stop_gradient(ref_logp_BC)
 
 
@@ -282,21 +294,24 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
         aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
         objective = functools.partial(_token_objective, cfg=cfg)
 
-        def one_pass(hs, ht, mask, ids, aux, w, wt):
-            return token_loss.fused_token_loss(hs, ht, w, mask, ids, objective, aux, token_chunk=cfg.loss_chunk,
-                                               **({} if ht is None else dict(divergence, w_teacher=wt)))
+        def one_pass(hs_ND, ht_ND, mask_N, ids_N, aux_N, w_DV, wt_DV):
+            teacher = {} if ht_ND is None else dict(divergence, w_teacher=wt_DV)
+            return token_loss.fused_token_loss(hs_ND, ht_ND, w_DV, mask_N, ids_N, objective, aux_N,
+                                               token_chunk=cfg.loss_chunk, **teacher)
 
         one_pass_loss, stats = _over_tokens(one_pass, token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC, aux),
                                             (w_DV, w_teacher_DV))
     elif ht_BCD is not None:
-        _, stats = _over_tokens(
-            lambda hs, ht, mask, ids, w, wt: ((), token_kl.fused_token_stats(hs, ht, w, mask, ids, w_teacher=wt,
-                                                                             **divergence, **kernel)),
-            token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC), (w_DV, w_teacher_DV))
+        def two_pass(hs_ND, ht_ND, mask_N, ids_N, w_DV, wt_DV):
+            return (), token_kl.fused_token_stats(hs_ND, ht_ND, w_DV, mask_N, ids_N, w_teacher=wt_DV, **divergence,
+                                                  **kernel)
+
+        _, stats = _over_tokens(two_pass, token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC), (w_DV, w_teacher_DV))
     else:
-        _, (logp_BC, entropy_BC) = _over_tokens(
-            lambda hs, mask, ids, w: ((), token_kl.token_logprobs_and_entropy(hs, w, ids, mask, **kernel)),
-            token_axes, (hs_BCD, mask_BC, ids_BC), (w_DV,))
+        def student_only(hs_ND, mask_N, ids_N, w_DV):
+            return (), token_kl.token_logprobs_and_entropy(hs_ND, w_DV, ids_N, mask_N, **kernel)
+
+        _, (logp_BC, entropy_BC) = _over_tokens(student_only, token_axes, (hs_BCD, mask_BC, ids_BC), (w_DV,))
         stats = token_kl.TokenStats(jnp.zeros_like(logp_BC), logp_BC, entropy_BC)
     logp_BC, entropy_BC, divergence_BC = stats.logprob, stats.entropy, stats.divergence
 
@@ -329,7 +344,9 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
 
 
 def _split_micro(batch, k):
-    return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+    """[B, ...] -> [k, B / k, ...], micro-batch j taking rows j, j + k, ...: rows split in contiguous blocks
+    over devices leave every micro-batch spread over all of them."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def make_train_step(

@@ -97,13 +97,15 @@ def test_value_and_gradients_equal_autodiff_of_the_reference(setting):
 @pytest.mark.parametrize("setting", [("full", 1.0, False), ("topk", 0.0, True)], ids=["full-rkl", "topk-tail"])
 def test_chunks_without_counted_tokens_are_skipped_exactly(setting):
     """Only chunks holding counted tokens are computed (after moving them to the front): three counted
-    tokens spread over the batch, or none at all (loss, stats and gradients all zero)."""
+    tokens spread over the batch (one chunk of five: them and tokens 1 and 2), or none at all. The tokens of
+    skipped chunks are NaN: computed, they would poison dW (NaN x 0)."""
     hs, ht, w, wt, _, ids, aux = DATA
-    for kept in ([0, 7, 10], []):
+    for kept, live in (([0, 7, 10], [0, 1, 2, 7, 10]), ([], [])):
         mask = np.isin(np.arange(N), kept).astype(np.float32)
-        data = (hs, ht, w, wt, mask, ids, aux)
-        want_loss, want_stats, want_grads = _run("reference", setting, data=data)
-        loss, stats, grads = _run("fused", setting, data=data)
+        skipped = ~np.isin(np.arange(N), live)
+        poisoned = [np.where(skipped[:, None], np.nan, x).astype(np.float32) for x in (hs, ht)]
+        want_loss, want_stats, want_grads = _run("reference", setting, data=(hs, ht, w, wt, mask, ids, aux))
+        loss, stats, grads = _run("fused", setting, data=(*poisoned, w, wt, mask, ids, aux))
         np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-7)
         for name, got, want in zip(tk.TokenStats._fields, stats, want_stats):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)

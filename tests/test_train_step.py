@@ -158,7 +158,8 @@ def test_micro_batches_give_the_same_update(setup):
 @pytest.mark.parametrize("cfg", [
     SHARED_CFG,  # one pass
     StepConfig(distill_weight=0.5, teacher="live", importance_sampling_level="sequence", beta=0.1, **KERNEL),
-], ids=["one-pass", "two-pass-gspo-reference"])
+    StepConfig(distill_weight=0.0, micro_batches=2, loss_type="dapo", **KERNEL),  # no teacher; 4 rows each
+], ids=["one-pass", "two-pass-gspo-reference", "grpo-alone-micro-batches"])
 def test_sharded_step_equals_single_device(setup, cfg):
     """The kernels run per device on their rows (`_over_tokens`): the same update as on one device."""
     graphdef, params, _ = setup
@@ -210,6 +211,10 @@ def test_kernels_run_on_each_devices_tokens():
     np.testing.assert_allclose(got_first, want_first, rtol=1e-5, atol=1e-6)
     for g, g_want in zip(grads, want_grads):
         np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="micro_batches"):  # 6 rows do not split over 4 devices
+        total, _ = jax.jit(lambda h, w: _over_tokens(kernel, token_axes, (h,), (w,)))(h[:6], w)
+    assert seen[-1] == (36, 4)
+    np.testing.assert_allclose(total, kernel(h[:6].reshape(36, 4), w)[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [

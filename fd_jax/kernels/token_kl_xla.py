@@ -106,8 +106,8 @@ def forward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None,
     """Per-token statistics: lse_s, entropy, and with a teacher lse_t, the cross sums of `plan.sums`,
     `top_s/top_t/top_i` [N, k] when `plan.top_k`, `kl_pm/kl_qm` when `plan.pass2`. All f32.
     wt_DV: the teacher's own unembedding, or None when it shares W. live_chunks: compute only the first
-    this many token chunks (see `compaction`); the others get the statistics of an empty distribution
-    (zeros, and top-k logits at -inf), finite and meant to be masked."""
+    this many token chunks (see `compaction`); the others get zeros (top-k logits `tiles.NEG`): finite
+    placeholders for masked tokens."""
     num_tokens = hs_ND.shape[0]
     chunk, num_chunks = _blocks(num_tokens, plan.token_chunk)
     tile, num_tiles = _blocks(w_DV.shape[1], plan.vocab_tile)

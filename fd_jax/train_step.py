@@ -242,6 +242,7 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
     """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
     h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+
     def logprobs(h_ND, ids_N, mask_N, w_DV):
         return (), token_kl.token_logprobs_and_entropy(h_ND, w_DV, ids_N, mask_N, **kernel)
 

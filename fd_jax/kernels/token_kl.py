@@ -207,27 +207,29 @@ def _realised_logits(h_ND: Array, w_DV: Array, ids_N: Array) -> Array:
     return jnp.einsum("nd,dn->n", h_ND, jnp.take(w_DV, ids_N, axis=1), preferred_element_type=jnp.float32)
 
 
-def _compacted(st: _Settings, mask) -> tuple[Array, Array] | tuple[None, None]:
-    """(order, live chunks) of `token_kl_xla.compaction` for the XLA engine; (None, None) for Pallas."""
+def _compacted(st: _Settings, mask) -> tuple[Array, Array, Array] | None:
+    """(order, its inverse, live chunks) of `token_kl_xla.compaction` for the XLA engine; None for Pallas.
+    Computed once in the forward and kept for the backward."""
     if st.backend != "xla":
-        return None, None
-    return token_kl_xla.compaction(mask, token_kl_xla._blocks(mask.shape[0], st.token_chunk)[0])
+        return None
+    order, live = token_kl_xla.compaction(mask, token_kl_xla._blocks(mask.shape[0], st.token_chunk)[0])
+    return order, jnp.argsort(order), live
 
 
 def _permuted(x, order):
-    return None if x is None or order is None else x[order]
+    return None if x is None else x[order]
 
 
 def _fused_forward(hs, ht, w, wt, mask, ids, st: _Settings):
     support = _ALL_SUPPORTS[st.mode]
     engine = _ENGINES[st.backend]
     plan = support.plan(st)
-    order, live = _compacted(st, mask)
-    if order is None:
+    compact = _compacted(st, mask)
+    if compact is None:
         out = engine.forward(hs, ht, w, wt, plan)
     else:  # the counted tokens first, and only the chunks holding them computed
+        order, restore, live = compact
         out = engine.forward(hs[order], _permuted(ht, order), w, wt, plan, live_chunks=live)
-        restore = jnp.argsort(order)
         out = {k: v[restore] for k, v in out.items()}
     logit_s = _realised_logits(hs, w, ids)
     logit_t = None if ht is None else _realised_logits(ht, w if wt is None else wt, ids)
@@ -236,7 +238,7 @@ def _fused_forward(hs, ht, w, wt, mask, ids, st: _Settings):
     stats = TokenStats(jnp.where(on, div, 0.0), jnp.where(on, logit_s - out["lse_s"], 0.0),
                        jnp.where(on, out["entropy"], 0.0))
     res.update(lse_s=out["lse_s"], entropy=out["entropy"])
-    return stats, (hs, ht, w, wt, mask, ids, res)
+    return stats, (hs, ht, w, wt, mask, ids, res, compact)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -263,18 +265,18 @@ def gradient_terms(st: _Settings, res: dict, ids_N: Array, c_div_N: Array, c_log
 
 
 def _fused_bwd(st: _Settings, saved, cts: TokenStats):
-    hs, ht, w, wt, mask, ids, res = saved
+    hs, ht, w, wt, mask, ids, res, compact = saved
     on = (mask > 0).astype(jnp.float32)
     c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) * on for ct in cts)
     plan, tok, cols_NK, coef_NK = gradient_terms(st, res, ids, c_div, c_logp, c_ent)
-    order, live = _compacted(st, mask)
-    if order is None:
+    if compact is None:
         dh, dw = _ENGINES[st.backend].backward(hs, ht, w, wt, tok, cols_NK, coef_NK, plan)
     else:  # as in the forward: masked tokens have zero cotangents, so their chunks are skipped
+        order, restore, live = compact
         tok, cols_NK, coef_NK = jax.tree.map(lambda x: x[order], (tok, cols_NK, coef_NK))
         dh, dw = _ENGINES[st.backend].backward(hs[order], _permuted(ht, order), w, wt, tok, cols_NK, coef_NK, plan,
                                                live_chunks=live)
-        dh = dh[jnp.argsort(order)]
+        dh = dh[restore]
     zero_ids = np.zeros(ids.shape, dtype=jax.dtypes.float0)
     zeros = [None if x is None else jnp.zeros_like(x) for x in (ht, wt)]
     return dh.astype(hs.dtype), zeros[0], dw.astype(w.dtype), zeros[1], jnp.zeros_like(mask), zero_ids

@@ -24,8 +24,9 @@ Process CPU seconds are reported beside wall seconds: on a shared or oversubscri
 counts time spent descheduled, and the reference's time varies most (its GB-sized temporaries are
 page-faulted in on every call), so read the CPU ratio too and compare several runs.
 
-On a GPU or TPU a second section times the fused engines (XLA scans, Pallas where it runs, one pass) at a
-larger bf16 shape and reports achieved FLOP/s as a fraction of the chip's bf16 peak. FLOPs counted: 12 N D
+On a GPU or TPU a second section times the fused engines (XLA scans, Pallas: Triton kernels on GPU, Mosaic
+on TPU, one pass) at a larger bf16 shape, checks their value and gradients against the XLA engine's, and
+reports achieved FLOP/s as a fraction of the chip's bf16 peak. FLOPs counted: 12 N D
 V for the two-pass engines (student and teacher logits forward, both again in the backward, d_h and dW),
 8 N D V for one pass; the JSD and the Pallas backward do more work than counted.
 """
@@ -165,11 +166,22 @@ def accelerator_section(reps: int, mode: str, alpha: float, mask_fraction: float
         try:
             fn = _value_and_grad(token_kl.fused_divergence, backend=backend, **kw)
             fn.lower(*args)
-            fns[backend] = fn
         except ValueError as err:  # the engine does not run on this platform or mode
             skipped[backend] = str(err)
+            continue
+        try:
+            fn.lower(*args).compile()
+        except Exception as err:  # noqa: BLE001 - a kernel the compiler rejects is reported, not fatal
+            if backend == "xla":
+                raise
+            skipped[backend] = f"compilation failed: {type(err).__name__}: {err}"[:2000]
+            continue
+        fns[backend] = fn
     fns["one_pass"] = _one_pass_value_and_grad(**kw)
     secs, _ = _interleaved_medians(fns, args, reps)
+    for name, fn in fns.items():  # compiled kernels (Triton / Mosaic) agree with the XLA engine
+        if name != "xla" and "xla" in fns:
+            _check_close(fns["xla"](*args), fn(*args), name)
     out = {"device": kind, "bf16_peak_flops": peak, "N": num, "D": dim, "V": vocab, "skipped": skipped}
     for backend, sec in secs.items():
         done = flops * (8 / 12 if backend == "one_pass" else 1)

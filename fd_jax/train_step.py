@@ -78,8 +78,8 @@ class StepConfig:
     max_completion_length: int | None = None  # dr_grpo's constant normaliser (default: C of the batch)
     beta: float = 0.0  # weight of the k3 KL to the reference (base) policy in GRPO
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many along rows
-    token_chunk: int = token_kl.DEFAULT_TOKEN_CHUNK
-    vocab_tile: int = token_kl.DEFAULT_VOCAB_TILE
+    token_chunk: int | None = None  # blocks of the fused divergence kernel (None: its engine's default)
+    vocab_tile: int | None = None
     kernel_backend: str = "auto"
     kernel_passes: str = "auto"  # one (gradient inside the statistics pass) | two (backward recomputes) | auto
     loss_chunk: int = token_loss.DEFAULT_LOSS_CHUNK  # tokens per chunk of the one-pass kernel

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fd_jax.kernels import token_kl as tk
-from fd_jax.kernels import token_kl_xla
+from fd_jax.kernels import token_kl_pallas, token_kl_pallas_gpu, token_kl_xla
 from fd_jax.kernels.divergences import categorical_divergence
 
 N, D, V, TOP_K = 12, 8, 40, 5
@@ -29,14 +29,22 @@ IDS = [f"{m}-a{a}{'-tail' if t else ''}" for m, a, t in SETTINGS]
 PALLAS_MODES = ("full", "sampled_token")
 
 
-def _data(seed: int = 0):
+@pytest.fixture(autouse=True)
+def _interpreted_pallas():
+    """Every test runs the Pallas engine's TPU kernels through the interpreter, on any machine, unless it
+    picks otherwise (compiled kernels: `test_compiled_pallas_kernels_equal_reference_on_this_accelerator`)."""
+    with token_kl_pallas.build_for("tpu", interpret=True):
+        yield
+
+
+def _data(seed: int = 0, n: int = N, d: int = D, v: int = V):
     rng = np.random.default_rng(seed)
-    hs = rng.normal(size=(N, D)).astype(np.float32)
-    ht = (hs + 0.7 * rng.normal(size=(N, D))).astype(np.float32)  # a teacher close enough to be realistic
-    w = rng.normal(size=(D, V)).astype(np.float32)
-    mask = (np.arange(N) % 5 != 3).astype(np.float32)  # tokens 3 and 8 are padding
-    ids = rng.integers(0, V, size=N).astype(np.int32)
-    cts = rng.normal(size=(3, N)).astype(np.float32)  # cotangents of divergence, logprob, entropy
+    hs = rng.normal(size=(n, d)).astype(np.float32)
+    ht = (hs + 0.7 * rng.normal(size=(n, d))).astype(np.float32)  # a teacher close enough to be realistic
+    w = (rng.normal(size=(d, v)) * np.sqrt(D / d)).astype(np.float32)  # logits of the same scale at any d
+    mask = (np.arange(n) % 5 != 3).astype(np.float32)  # tokens 3, 8, ... are padding
+    ids = rng.integers(0, v, size=n).astype(np.int32)
+    cts = rng.normal(size=(3, n)).astype(np.float32)  # cotangents of divergence, logprob, entropy
     return hs, ht, w, mask, ids, cts
 
 
@@ -66,6 +74,12 @@ def _run(impl, setting, data=DATA, **chunks):
     return [np.asarray(x, np.float32) for x in stats], [np.asarray(g, np.float32) for g in grads]
 
 
+def _run_uncached(impl, setting, data, **chunks):
+    """`_run` traced afresh (inside a `token_kl_pallas.build_for` block, its kernels are the block's)."""
+    stats, grads = _value_and_grads.__wrapped__(impl, *setting, **chunks)(*data)
+    return [np.asarray(x, np.float32) for x in stats], [np.asarray(g, np.float32) for g in grads]
+
+
 def _close(got, want, what, rtol=2e-5, atol=2e-5):
     for name, g, w in zip(what, got, want):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=name)
@@ -86,6 +100,106 @@ def test_fused_and_pallas_equal_reference(setting):
     np.testing.assert_array_equal(ref_grads[0][mask == 0], 0.0)  # ... and no gradient
     if setting[0] != "sampled_token":  # a divergence, not an estimate: never negative
         assert ref_stats[0].min() >= -1e-6
+
+
+# The GPU (Triton) kernels want D a multiple of 16 and power-of-two blocks: 20 tokens in 2 blocks of 16, D 48
+# read in 3 slices of 16, V 40 in 3 tiles of 16 (the last ragged).
+GPU_DATA = _data(3, n=20, d=48)
+GPU_CHUNKS = dict(token_chunk=16, vocab_tile=16)
+PALLAS_SETTINGS = [s for s in SETTINGS if s[0] in PALLAS_MODES]
+
+
+@pytest.mark.parametrize("setting", PALLAS_SETTINGS, ids=[i for s, i in zip(SETTINGS, IDS) if s in PALLAS_SETTINGS])
+def test_pallas_gpu_kernels_equal_reference(setting):
+    """The GPU kernels (token_kl_pallas_gpu), run by the Pallas interpreter: stats and gradients equal the
+    reference's, nothing reaches the teacher."""
+    ref_stats, ref_grads = _run("reference", setting, GPU_DATA)
+    with token_kl_pallas.build_for("gpu"):
+        stats, grads = _run_uncached("pallas", setting, GPU_DATA, **GPU_CHUNKS)
+    _close(stats, ref_stats, [f"gpu kernels {k}" for k in tk.TokenStats._fields])
+    _close([grads[0], grads[2]], [ref_grads[0], ref_grads[2]], ["gpu kernels d_h_student", "gpu kernels d_w"])
+    np.testing.assert_array_equal(grads[1], 0.0, err_msg="gpu kernels: gradient reached the teacher")
+
+
+@pytest.mark.parametrize("programs", [1, 4])
+def test_pallas_gpu_vocabulary_splits_merge_exactly(programs, monkeypatch):
+    """The token-block kernels split the vocabulary over programs: 3 tiles in one run of 3 (programs=1)
+    or in runs of 2 and 1 (programs=4, 2 token blocks); the merged statistics, the JSD's second-pass sums
+    and d_h equal the reference's. (The default split, one tile per program here, is the test above.)"""
+    monkeypatch.setattr(token_kl_pallas_gpu, "_PROGRAMS", programs)
+    setting = ("full", 0.5, False)
+    ref_stats, ref_grads = _run("reference", setting, GPU_DATA)
+    with token_kl_pallas.build_for("gpu"):
+        stats, grads = _run_uncached("pallas", setting, GPU_DATA, **GPU_CHUNKS)
+    _close([*stats, grads[0], grads[2]], [*ref_stats, ref_grads[0], ref_grads[2]],
+           ["divergence", "logprob", "entropy", "d_hs", "d_w"])
+
+
+def test_pallas_gpu_kernels_without_teacher_and_with_its_own_unembedding():
+    hs, ht, w, mask, ids, cts = GPU_DATA
+    w_teacher = (w + 0.3 * np.random.default_rng(8).normal(size=w.shape)).astype(np.float32)
+
+    def run(stats_fn, wt):
+        def loss(hs, w):
+            stats = stats_fn(hs, ht, w, mask, ids, w_teacher=wt, alpha=0.5, mode="full")
+            return sum(jnp.sum(c * x) for c, x in zip(cts, stats)), stats
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hs, w)
+
+    def logp_entropy(h, w, **kw):
+        return tk.token_logprobs_and_entropy(h, w, ids, mask, **kw)
+
+    (_, want), want_grads = run(tk.reference_token_stats, w_teacher)
+    want_lp = jax.jit(jax.value_and_grad(lambda h, w: sum(jnp.sum(x) for x in logp_entropy(h, w)), (0, 1)))(hs, w)
+    with token_kl_pallas.build_for("gpu"):
+        (_, got), got_grads = run(functools.partial(tk.fused_token_stats, backend="pallas", **GPU_CHUNKS), w_teacher)
+        got_lp = jax.jit(jax.value_and_grad(
+            lambda h, w: sum(jnp.sum(x) for x in logp_entropy(h, w, backend="pallas", **GPU_CHUNKS)), (0, 1)))(hs, w)
+    _close([*got, *got_grads], [*want, *want_grads], ["divergence", "logprob", "entropy", "d_hs", "d_w"])
+    _close([got_lp[0], *got_lp[1]], [want_lp[0], *want_lp[1]], ["no teacher: value", "d_hs", "d_w"])
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_pallas_kernels_lower_for_tpu_and_gpu(platform):
+    """Compiled, not interpreted, the kernels pass Mosaic's (TPU) or Triton's (GPU) lowering and its checks
+    (block shapes, supported operations) for every Pallas mode, f32 and bf16, at a SmolLM2-like D and a
+    ragged vocabulary; no chip is needed to lower. Blocks Mosaic cannot take are refused by name."""
+    num, dim, vocab = 256, 192, 1000
+    target, lowering = {"tpu": ("tpu_custom_call", "tpu"), "gpu": ("__gpu$xla.gpu.triton", "cuda")}[platform]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        hs = jnp.zeros((num, dim), dtype)
+        w = jnp.zeros((dim, vocab), dtype)
+        for mode, alpha, kernels in (("full", 0.5, 4), ("sampled_token", 1.0, 3)):  # the JSD: a second pass
+            def loss(hs, w):
+                stats = tk.fused_token_stats(hs, hs + 1, w, jnp.ones(num), jnp.zeros(num, jnp.int32), alpha=alpha,
+                                             mode=mode, backend="pallas")
+                return sum(jnp.sum(x) for x in stats)
+            with token_kl_pallas.build_for(platform, interpret=False):
+                text = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(hs, w).lower(
+                    lowering_platforms=(lowering,)).as_text()
+            assert text.count(f"custom_call @{target}") == kernels, (platform, mode, dtype)
+    if platform == "tpu":
+        with token_kl_pallas.build_for("tpu", interpret=False), pytest.raises(ValueError, match="token_chunk"):
+            jax.jit(lambda hs, w: tk.fused_divergence(hs, hs, w, jnp.ones(num), alpha=1.0, mode="full",
+                                                      backend="pallas", token_chunk=100)).trace(hs, w)
+    else:
+        with token_kl_pallas.build_for("gpu"), pytest.raises(ValueError, match="D to be a multiple of 16"):
+            tk.fused_divergence(hs[:, :40], hs[:, :40], w[:40], jnp.ones(num), alpha=1.0, mode="full",
+                                backend="pallas")
+
+
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
+                    reason="compiled Pallas kernels need a GPU or TPU (on CPU they run interpreted above)")
+def test_compiled_pallas_kernels_equal_reference_on_this_accelerator():
+    """The kernels compiled for this machine's chip (Triton on GPU, Mosaic on TPU), at their default
+    blocks, ragged token blocks and vocabulary: stats and gradients equal the reference's."""
+    data = _data(5, n=300, d=256, v=1000)
+    with jax.default_matmul_precision("float32"), token_kl_pallas.build_for(jax.default_backend(), interpret=False):
+        for setting in PALLAS_SETTINGS:
+            ref_stats, ref_grads = _run_uncached("reference", setting, data)
+            stats, grads = _run_uncached("pallas", setting, data, token_chunk=None, vocab_tile=None)
+            _close([*stats, grads[0], grads[2]], [*ref_stats, ref_grads[0], ref_grads[2]],
+                   [f"{setting} {k}" for k in ("divergence", "logprob", "entropy", "d_hs", "d_w")],
+                   rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("setting", [s for s in SETTINGS if s[0] != "sampled_token"], ids=IDS[:-1])

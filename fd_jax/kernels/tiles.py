@@ -77,6 +77,23 @@ def online_update(state: Mapping[str, Array], s_CT: Array, t_CT: Array | None, v
     return {**state, **out}
 
 
+def online_merge(parts: Mapping[str, Array]) -> dict[str, Array]:
+    """One pass-one state from states [S, C] of S disjoint sets of vocabulary tiles (a split reduction):
+    each part's sums are rescaled from its own running max to the common one, as `online_update` does."""
+    out = {}
+    for side, sums in (("s", ("z_s", "rev")), ("t", ("z_t", "fwd"))):
+        m_key = f"m_{side}"
+        if m_key not in parts:
+            continue
+        m = jnp.max(parts[m_key], axis=0)
+        scale = jnp.exp(parts[m_key] - m)
+        out.update({k: jnp.sum(scale * parts[k], axis=0) for k in sums if k in parts})
+        if side == "s":  # sum exp(x - m)(x - m) = scale * (c_part + (m_part - m) z_part)
+            out["c_s"] = jnp.sum(scale * (parts["c_s"] + (parts["m_s"] - m) * parts["z_s"]), axis=0)
+        out[m_key] = m
+    return out
+
+
 def online_finish(state: Mapping[str, Array]) -> dict[str, Array]:
     """Per-token lse_s, lse_t, entropy (nats) and the expectations `rev`, `fwd` from a finished pass one."""
     log_z_s = jnp.log(state["z_s"])

@@ -45,8 +45,9 @@ the tiles, as log M needs both normalisers). It keeps only [N]-sized statistics.
 tile's logits and adds the gradient `g = dL/ds` (closed forms in `divergences.py`, `tiles.logit_grad`) into
 d_h (`g Wᵀ`) and dW (`hᵀ g`, accumulated per vocabulary tile in f32). Matmuls accumulate in f32 for bf16
 inputs; gradients come back in the inputs' dtypes. `backend` picks the engine: `xla` (`lax.scan`, every
-platform and mode), `pallas` (Pallas kernels, modes `full` and `sampled_token`, TPU; `interpret=True` on CPU
-for tests), `auto` (Pallas on TPU, else XLA).
+platform and mode), `pallas` (Pallas kernels, modes `full` and `sampled_token`: Mosaic on TPU, Triton on
+GPU with D a multiple of 16, `interpret=True` on CPU for tests), `auto` (Pallas on TPU, else XLA: the
+Triton kernels have not been timed against XLA on a GPU yet).
 
 Cost: value and gradient take six [N, D] x [D, V] matmuls (two forward, four backward; eight for the
 JSD) against the naive version's four, the price of never storing logits; on CPU the naive version's
@@ -73,7 +74,7 @@ from fd_jax.kernels.tiles import KernelPlan
 Array = jax.Array
 
 # The XLA engine's block sizes, for callers that keep them in a config; passing None instead lets each
-# engine (Pallas on TPU) use its own DEFAULT_BLOCKS.
+# engine use its own (`default_blocks()`: the Pallas engine's differ on TPU and GPU).
 DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_TILE = token_kl_xla.DEFAULT_BLOCKS
 TAIL_FLOOR = 1e-30  # the smallest tail mass of the top-k support, so that its log stays finite
 
@@ -188,7 +189,7 @@ class _NoTeacher(_Support):
 _SUPPORTS = {"full": _Full(), "topk": _TopK(), "sampled_token": _SampledToken()}
 _NO_TEACHER = "_no_teacher"
 _ALL_SUPPORTS = {**_SUPPORTS, _NO_TEACHER: _NoTeacher()}
-# Each engine module provides forward, backward and DEFAULT_BLOCKS = (token_chunk, vocab_tile).
+# Each engine module provides forward, backward and default_blocks() -> (token_chunk, vocab_tile).
 _ENGINES = {"xla": token_kl_xla, "pallas": token_kl_pallas}
 
 
@@ -323,13 +324,12 @@ def _resolve_backend(backend: str, mode: str) -> str:
         if not _ALL_SUPPORTS[mode].pallas_ok:
             raise ValueError(f"token_kl: backend='pallas' supports modes 'full' and 'sampled_token', not "
                              f"{mode!r}; use backend='xla'")
-        token_kl_pallas.check_platform()
     return backend
 
 
 def _settings(alpha, mode, top_k, add_tail, token_chunk, vocab_tile, backend) -> _Settings:
     backend = _resolve_backend(backend, mode)
-    default_chunk, default_tile = _ENGINES[backend].DEFAULT_BLOCKS
+    default_chunk, default_tile = _ENGINES[backend].default_blocks()
     for name, value in (("token_chunk", token_chunk), ("vocab_tile", vocab_tile)):
         if value is not None and int(value) < 1:
             raise ValueError(f"token_kl: {name}={value!r} must be a positive block size")

@@ -1,4 +1,5 @@
-"""The Pallas engine of the fused divergence (supports `full` and `sampled_token`), for TPU.
+"""The Pallas engine of the fused divergence (supports `full` and `sampled_token`): TPU kernels here, GPU
+kernels in `token_kl_pallas_gpu`.
 
 Same contract as `token_kl_xla` (`forward`, `backward`) and the same per-tile math (`tiles.py`); only the
 iteration is a `pl.pallas_call` grid. Each kernel has a parallel axis and a reduction axis, the reduction
@@ -15,20 +16,21 @@ kernels do, instead of sharing d_h partial sums across vocabulary tiles.
 Tokens are zero-padded to whole blocks; the last vocabulary tile may run past V (its out-of-bounds
 columns are masked, and W's are zeroed before they meet a matmul).
 
-Off TPU the kernels run with `interpret=True` (CPU tests). Pallas on GPU lowers the grid to concurrent
-Triton programs, so a sequential reduction axis with a revisited output block would race: the GPU path
-would need an in-kernel loop over tiles (and power-of-two D); until then `backend="auto"` picks XLA there
-and `backend="pallas"` raises.
+On GPU, Pallas runs a grid's programs concurrently (Triton), so a sequential reduction axis with a revisited
+output block would race: there `forward` and `backward` hand over to `token_kl_pallas_gpu`, whose programs
+own their outputs and loop over the reduction inside. On CPU the TPU kernels run with `interpret=True`
+(tests); `build_for` picks the other family or lowers for a chip that is not there.
 """
 
 from __future__ import annotations
 
+import contextlib
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from fd_jax.kernels import tiles
+from fd_jax.kernels import tiles, token_kl_pallas_gpu
 from fd_jax.kernels.tiles import KernelPlan
 
 Array = jax.Array
@@ -39,20 +41,50 @@ DEFAULT_BLOCKS = (256, 512)
 _STATE = ("m_s", "z_s", "c_s", "m_t", "z_t", "rev", "fwd")  # columns of the pass-one state array
 
 
-def check_platform() -> None:
-    """ValueError where the Pallas engine cannot run correctly (see the module docstring)."""
-    if jax.default_backend() == "gpu":
-        raise ValueError("token_kl: backend='pallas' runs on TPU (and interpreted on CPU); on GPU its "
-                         "sequential vocabulary reduction would race between Triton programs. "
-                         "Use backend='xla'.")
+_TARGET: tuple[str, bool] | None = None  # (kernel family, interpret) set by `build_for`
+
+
+@contextlib.contextmanager
+def build_for(platform: str, *, interpret: bool | None = None):
+    """Build the kernels of `platform` ("tpu" or "gpu") inside this block, whatever the default backend.
+
+    interpret: run them through the Pallas interpreter (default: unless the default backend is that
+    platform). With interpret=False on a machine without the chip only lowering works, and it is the
+    point: `jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))` (or `("cuda",)`) runs Mosaic's (or
+    Triton's) lowering with its block-shape and operation checks on a CPU. Applies to what is traced inside
+    the block (a function jitted and traced before keeps its kernels).
+    """
+    global _TARGET
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"token_kl_pallas.build_for: platform must be 'tpu' or 'gpu', got {platform!r}")
+    previous = _TARGET
+    _TARGET = (platform, jax.default_backend() != platform if interpret is None else bool(interpret))
+    try:
+        yield
+    finally:
+        _TARGET = previous
+
+
+def _target() -> tuple[str, bool]:
+    """(kernel family "tpu" or "gpu", interpret): from `build_for`, else the default backend (the TPU
+    kernels, interpreted, off TPU and GPU)."""
+    if _TARGET is not None:
+        return _TARGET
+    backend = jax.default_backend()
+    return ("gpu", False) if backend == "gpu" else ("tpu", backend != "tpu")
+
+
+def default_blocks() -> tuple[int, int]:
+    """(token_chunk, vocab_tile) of the kernel family in use."""
+    return token_kl_pallas_gpu.DEFAULT_BLOCKS if _target()[0] == "gpu" else DEFAULT_BLOCKS
 
 
 def _interpret() -> bool:
-    return jax.default_backend() != "tpu"
+    return _target()[1]
 
 
 def _params():
-    if jax.default_backend() != "tpu":
+    if _interpret():
         return None
     from jax.experimental.pallas import tpu as pltpu
 
@@ -91,6 +123,12 @@ class _Grid:
         self.n_blocks = pl.cdiv(self.num_tokens, self.bn)
         self.n_tiles = pl.cdiv(self.vocab, self.bt)
         self.rows = self.n_blocks * self.bn
+        if not _interpret():  # Mosaic's block rule: rows by 8, columns by 128, or the whole dimension
+            for name, block, size, unit in (("token_chunk", self.bn, self.num_tokens, 8),
+                                            ("vocab_tile", self.bt, self.vocab, 128)):
+                if block % unit and block != size:
+                    raise ValueError(f"token_kl: on TPU the Pallas engine needs {name} to be a multiple of "
+                                     f"{unit} (or at least the whole dimension, {size}), got {block}")
 
     def rows_spec(self, width: int, token_axis: int = 0):
         """Blocks of `bn` rows (all columns) of a [rows, width] array; `token_axis` is the grid axis."""
@@ -187,6 +225,9 @@ def forward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None,
     """Per-token statistics as in `token_kl_xla.forward` (no top-k)."""
     if plan.top_k is not None:
         raise ValueError("token_kl: the Pallas engine has no top-k support; use backend='xla'")
+    platform, interpret = _target()
+    if platform == "gpu":
+        return token_kl_pallas_gpu.forward(hs_ND, ht_ND, w_DV, wt_DV, plan, interpret=interpret)
     g = _Grid(hs_ND, w_DV, plan)
     names = _STATE[:3] + ((*_STATE[3:5], *plan.sums) if ht_ND is not None else ())
     operands = _token_operands(g, hs_ND, ht_ND, w_DV, wt_DV)
@@ -238,6 +279,10 @@ def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None
     that copy for bf16 weights)."""
     if cols_NK.shape[1] != 1:
         raise ValueError("token_kl: the Pallas engine takes one sparse column per token; use backend='xla'")
+    platform, interpret = _target()
+    if platform == "gpu":
+        return token_kl_pallas_gpu.backward(hs_ND, ht_ND, w_DV, wt_DV, tok, cols_NK, coef_NK, plan,
+                                            interpret=interpret)
     g = _Grid(hs_ND, w_DV, plan)
     names = tuple(tok) + ("coef_id",)
     tok_NP = jnp.stack([*tok.values(), coef_NK[:, 0]], axis=1).astype(jnp.float32)

@@ -31,6 +31,10 @@ Array = jax.Array
 DEFAULT_BLOCKS = (512, 1024)
 
 
+def default_blocks() -> tuple[int, int]:
+    return DEFAULT_BLOCKS
+
+
 def _blocks(num: int, block: int) -> tuple[int, int]:
     """(block size, number of blocks) with the block no larger than `num`."""
     block = max(1, min(block, num))

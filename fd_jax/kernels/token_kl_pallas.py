@@ -83,6 +83,13 @@ def _interpret() -> bool:
     return _target()[1]
 
 
+def _vmem(shape):
+    """An f32 scratch buffer in TPU VMEM (the interpreter allocates it too)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.VMEM(shape, jnp.float32)
+
+
 def _params():
     if _interpret():
         return None
@@ -143,7 +150,8 @@ class _Grid:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _call(kernel, g: _Grid, operands: dict, *, out_shape, out_spec, vocab_major: bool = False, **static):
+def _call(kernel, g: _Grid, operands: dict, *, out_shape, out_spec, vocab_major: bool = False, scratch_shapes=(),
+          **static):
     """pallas_call over (token blocks, vocab tiles), or (vocab tiles, token blocks) when `vocab_major`.
 
     operands: name -> array, blocked by rows of tokens (`hs`, `ht`, per-token arrays) or, for `w` and `wt`,
@@ -155,11 +163,13 @@ def _call(kernel, g: _Grid, operands: dict, *, out_shape, out_spec, vocab_major:
              for name, x in operands.items()]
 
     def body(*refs):
-        kernel(dict(zip(names, refs[:-1])), refs[-1], **static)
+        inputs, outputs = refs[:len(names)], refs[len(names):]
+        kernel(dict(zip(names, inputs)), *outputs, **static)  # the output ref, then any scratch refs
 
     grid = (g.n_tiles, g.n_blocks) if vocab_major else (g.n_blocks, g.n_tiles)
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
-                          compiler_params=_params(), interpret=_interpret())(*operands.values())
+                          scratch_shapes=scratch_shapes, compiler_params=_params(),
+                          interpret=_interpret())(*operands.values())
 
 
 def _logits(refs, *, vocab: int, tile: int, j, teacher: bool = True):
@@ -264,19 +274,24 @@ def _dh_kernel(refs, out_ref, **static):
     out_ref[...] += _dot(g_CT.astype(w_DT.dtype), w_DT.T)
 
 
-def _dw_kernel(refs, out_ref, **static):
-    _init_on_first(out_ref, 1, jnp.zeros(out_ref.shape, jnp.float32))
+def _dw_kernel(refs, out_ref, acc_ref, **static):
+    """dW's tile accumulates in an f32 VMEM scratch over the token blocks and is written, in W's dtype,
+    after the last one."""
+    _init_on_first(acc_ref, 1, jnp.zeros(acc_ref.shape, jnp.float32))
     g_CT, _ = _tile_grad(refs, j=pl.program_id(0), **static)
     hs_CD = refs["hs"][...]
-    out_ref[...] += _dot(hs_CD.T, g_CT.astype(hs_CD.dtype))
+    acc_ref[...] += _dot(hs_CD.T, g_CT.astype(hs_CD.dtype))
+
+    @pl.when(pl.program_id(1) == pl.num_programs(1) - 1)
+    def _write():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
 def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None, tok: dict[str, Array],
              cols_NK: Array, coef_NK: Array, plan: KernelPlan) -> tuple[Array, Array]:
     """(d_h [N, D] f32, dW [D, V] in W's dtype), as `token_kl_xla.backward`; one sparse column per token.
 
-    dW is accumulated in an f32 [D, V] output and cast at the end (a VMEM scratch accumulator would save
-    that copy for bf16 weights)."""
+    dW is accumulated tile by tile in an f32 VMEM scratch and written in W's dtype: no f32 [D, V] array."""
     if cols_NK.shape[1] != 1:
         raise ValueError("token_kl: the Pallas engine takes one sparse column per token; use backend='xla'")
     platform, interpret = _target()
@@ -291,6 +306,6 @@ def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None
     static = dict(names=names, div=plan.grad_div, vocab=g.vocab, tile=g.bt)
     dh = _call(_dh_kernel, g, operands, out_shape=jax.ShapeDtypeStruct((g.rows, g.dim), jnp.float32),
                out_spec=g.rows_spec(g.dim), **static)
-    dw = _call(_dw_kernel, g, operands, out_shape=jax.ShapeDtypeStruct((g.dim, g.vocab), jnp.float32),
-               out_spec=g.w_spec(0), vocab_major=True, **static)
-    return dh[: g.num_tokens], dw.astype(w_DV.dtype)
+    dw = _call(_dw_kernel, g, operands, out_shape=jax.ShapeDtypeStruct((g.dim, g.vocab), w_DV.dtype),
+               out_spec=g.w_spec(0), vocab_major=True, scratch_shapes=[_vmem((g.dim, g.bt))], **static)
+    return dh[: g.num_tokens], dw

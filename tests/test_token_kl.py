@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fd_jax.kernels import token_kl as tk
-from fd_jax.kernels import token_kl_pallas, token_kl_pallas_gpu, token_kl_xla
+from fd_jax.kernels import tiles, token_kl_pallas, token_kl_pallas_gpu, token_kl_xla
 from fd_jax.kernels.divergences import categorical_divergence
 
 N, D, V, TOP_K = 12, 8, 40, 5
@@ -185,14 +185,37 @@ def test_pallas_kernels_lower_for_tpu_and_gpu(platform):
         with token_kl_pallas.build_for("gpu"), pytest.raises(ValueError, match="D to be a multiple of 16"):
             tk.fused_divergence(hs[:, :40], hs[:, :40], w[:40], jnp.ones(num), alpha=1.0, mode="full",
                                 backend="pallas")
+        with token_kl_pallas.build_for("gpu"), pytest.raises(ValueError, match="token_chunk to be a power of two"):
+            tk.fused_divergence(hs, hs, w, jnp.ones(num), alpha=1.0, mode="full", backend="pallas", token_chunk=100)
+
+
+def test_online_merge_equals_one_pass():
+    """Pass-one states of disjoint sets of columns, merged, equal one pass over all of them (the GPU
+    kernels' vocabulary splits); a part that saw no column (the initial state) changes nothing."""
+    rng = np.random.default_rng(4)
+    s_CV, t_CV = (jnp.asarray(rng.normal(size=(6, 50)) * 3, jnp.float32) for _ in range(2))
+    init = tiles.online_init(6, True, ("rev", "fwd"))
+    whole = tiles.online_update(init, s_CV, t_CV, None)
+    parts = [tiles.online_update(init, s_CV[:, a:b], t_CV[:, a:b], None) for a, b in ((0, 7), (7, 30), (30, 50))]
+    merged = tiles.online_merge({k: jnp.stack([p[k] for p in [*parts, init]]) for k in init})
+    assert set(merged) == set(whole)
+    for k in whole:
+        np.testing.assert_allclose(merged[k], whole[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"),
                     reason="compiled Pallas kernels need a GPU or TPU (on CPU they run interpreted above)")
-def test_compiled_pallas_kernels_equal_reference_on_this_accelerator():
+@pytest.mark.parametrize("programs", [None, 1])
+def test_compiled_pallas_kernels_equal_reference_on_this_accelerator(programs, monkeypatch):
     """The kernels compiled for this machine's chip (Triton on GPU, Mosaic on TPU), at their default
-    blocks, ragged token blocks and vocabulary: stats and gradients equal the reference's."""
-    data = _data(5, n=300, d=256, v=1000)
+    blocks, ragged token blocks and vocabulary: stats and gradients equal the reference's in f32, with a
+    teacher sharing W, with its own W and without a teacher; bf16 within the bound of
+    `test_pallas_bf16_inputs_accumulate_in_f32`. programs=1: on GPU one split per token block, so d_h
+    accumulates over every vocabulary tile inside one program."""
+    if programs is not None:
+        monkeypatch.setattr(token_kl_pallas_gpu, "_PROGRAMS", programs)
+    hs, ht, w, mask, ids, cts = data = _data(5, n=300, d=256, v=1000)
+    w_teacher = (w + 0.3 * np.random.default_rng(9).normal(size=w.shape)).astype(np.float32)
     with jax.default_matmul_precision("float32"), token_kl_pallas.build_for(jax.default_backend(), interpret=False):
         for setting in PALLAS_SETTINGS:
             ref_stats, ref_grads = _run_uncached("reference", setting, data)
@@ -200,6 +223,23 @@ def test_compiled_pallas_kernels_equal_reference_on_this_accelerator():
             _close([*stats, grads[0], grads[2]], [*ref_stats, ref_grads[0], ref_grads[2]],
                    [f"{setting} {k}" for k in ("divergence", "logprob", "entropy", "d_hs", "d_w")],
                    rtol=1e-3, atol=1e-3)
+            bf = [jnp.asarray(x, jnp.bfloat16) for x in (hs, ht, w)]
+            _, bf_grads = _value_and_grads.__wrapped__("pallas", *setting, None, None)(*bf, mask, ids, cts)
+            _, bf_ref = _run_uncached("reference", setting, tuple(np.asarray(x, np.float32) for x in bf) + data[3:])
+            for g, r in ((bf_grads[0], bf_ref[0]), (bf_grads[2], bf_ref[2])):
+                np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0, atol=1e-2 * np.abs(r).max())
+
+        def own_w_and_no_teacher(stats_fn, **kw):
+            def loss(hs, w):
+                stats = stats_fn(hs, ht, w, mask, ids, w_teacher=w_teacher, alpha=0.5, mode="full", **kw)
+                logp, ent = tk.token_logprobs_and_entropy(hs, w, ids, mask, **kw) if kw else \
+                    tk.reference_token_stats(hs, hs, w, mask, ids)[1:]
+                return sum(jnp.sum(c * x) for c, x in zip(cts, stats)) + jnp.sum(logp) + jnp.sum(ent)
+            return jax.jit(jax.value_and_grad(loss, (0, 1)))(hs, w)
+
+        want = own_w_and_no_teacher(tk.reference_token_stats)
+        got = own_w_and_no_teacher(tk.fused_token_stats, backend="pallas")
+        _close([got[0], *got[1]], [want[0], *want[1]], ["value", "d_hs", "d_w"], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("setting", [s for s in SETTINGS if s[0] != "sampled_token"], ids=IDS[:-1])

@@ -73,9 +73,6 @@ from fd_jax.kernels.tiles import KernelPlan
 
 Array = jax.Array
 
-# The XLA engine's block sizes, for callers that keep them in a config; passing None instead lets each
-# engine use its own (`default_blocks()`: the Pallas engine's differ on TPU and GPU).
-DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_TILE = token_kl_xla.DEFAULT_BLOCKS
 TAIL_FLOOR = 1e-30  # the smallest tail mass of the top-k support, so that its log stays finite
 
 
@@ -350,7 +347,8 @@ def fused_token_stats(h_student: Array, h_teacher: Array, w_unembed: Array, mask
     an unknown mode/backend, alpha outside [0, 1], sampled_token with alpha != 1, top_k outside [1, V] in
     mode topk, or mismatched shapes.
     `add_tail` only matters in mode topk. token_chunk / vocab_tile: block sizes (None: the engine's
-    DEFAULT_BLOCKS, tuned by benchmarks/token_kl.py); results do not depend on them beyond rounding.
+    `default_blocks()`, for XLA tuned by benchmarks/token_kl.py on CPU; the Pallas GPU kernels want powers
+    of two, the TPU ones multiples of 8 and 128); results do not depend on them beyond rounding.
     """
     _check(h_student, h_teacher, w_unembed, mask, sampled_ids, alpha=alpha, mode=mode, top_k=top_k,
            w_teacher=w_teacher)

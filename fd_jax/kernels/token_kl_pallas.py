@@ -52,7 +52,9 @@ def build_for(platform: str, *, interpret: bool | None = None):
     platform). With interpret=False on a machine without the chip only lowering works, and it is the
     point: `jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",))` (or `("cuda",)`) runs Mosaic's (or
     Triton's) lowering with its block-shape and operation checks on a CPU. Applies to what is traced inside
-    the block (a function jitted and traced before keeps its kernels).
+    the block: JAX reuses an earlier trace of the same Python function at the same shapes (by any
+    `jax.jit` of it), and that keeps the kernels it was traced with; use a fresh function or
+    `jax.clear_caches()`. A backward is traced when it is first called: call it inside the block too.
     """
     global _TARGET
     if platform not in ("tpu", "gpu"):

@@ -27,9 +27,13 @@ f32 accumulation, the gradient tile rounded to bf16 before its matmuls as in the
 Untimed: no GPU was at hand when this was written. `tests/test_token_kl.py` runs these kernels through the
 Pallas interpreter against the reference and lowers them to Triton (`token_kl_pallas.build_for`);
 `benchmarks/token_kl.py` times them against the XLA engine on a GPU, and until it has, `backend="auto"`
-keeps XLA there. Where time will likely go: the dW kernel reads and writes its f32 [D, T] tile once per
-token block, 8 N D V / token_chunk bytes in all (a larger token block there cuts it); the d_h partials
-cost splits x N x D x 4 bytes.
+keeps XLA there. Where time will likely go: both gradient kernels read and write their f32 accumulators
+in GPU memory, the dW kernel its [D, T] tile once per token block (8 N D V / token_chunk bytes in all),
+the d_h kernel its [C, D] rows once per vocabulary tile (8 N D V / vocab_tile bytes): at 64 x 64 blocks
+about 48 FLOP per byte, under what an H100 needs to stay compute-bound, so larger blocks in those two
+kernels are the first thing to try. The d_h partials take splits x N x D x 4 bytes (about
+`_PROGRAMS` x token_chunk x D x 4 while token blocks are fewer than `_PROGRAMS`: 0.5 GiB at D = 4096).
+Lowered for CUDA only; on ROCm (also `jax.default_backend() == "gpu"`) these kernels are untried.
 """
 
 from __future__ import annotations

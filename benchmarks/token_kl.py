@@ -168,14 +168,14 @@ def accelerator_section(reps: int, mode: str, alpha: float, mask_fraction: float
     kw = dict(alpha=alpha, mode=mode, top_k=64 if mode == "topk" else None)
     fns, skipped = {}, {}
     for backend in ("xla", "pallas"):
+        fn = _value_and_grad(token_kl.fused_divergence, backend=backend, **kw)
         try:
-            fn = _value_and_grad(token_kl.fused_divergence, backend=backend, **kw)
-            fn.lower(*args)
+            lowered = fn.lower(*args)
         except ValueError as err:  # the engine does not run on this platform or mode
             skipped[backend] = str(err)
             continue
         try:
-            fn.lower(*args).compile()
+            lowered.compile()
         except Exception as err:  # noqa: BLE001 - a kernel the compiler rejects is reported, not fatal
             if backend == "xla":
                 raise

@@ -278,10 +278,11 @@ def test_chunks_without_counted_tokens_are_skipped_exactly(setting):
 
 
 def test_compaction_puts_counted_tokens_first():
-    order, live = token_kl_xla.compaction(jnp.asarray([0, 1, 0, 1, 1, 0, 0], jnp.float32), 2)
+    order, restore, live = token_kl_xla.compaction(jnp.asarray([0, 1, 0, 1, 1, 0, 0], jnp.float32), 2)
     np.testing.assert_array_equal(order, [1, 3, 4, 0, 2, 5, 6])  # stable: counted, then masked, in order
+    np.testing.assert_array_equal(order[restore], np.arange(7))  # the inverse permutation
     assert int(live) == 2  # three counted tokens fill two chunks of two
-    assert int(token_kl_xla.compaction(jnp.zeros(4), 2)[1]) == 0
+    assert int(token_kl_xla.compaction(jnp.zeros(4), 2)[2]) == 0
 
 
 @pytest.mark.parametrize("setting, chunks", [

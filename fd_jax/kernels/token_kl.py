@@ -210,8 +210,7 @@ def _compacted(st: _Settings, mask) -> tuple[Array, Array, Array] | None:
     Computed once in the forward and kept for the backward."""
     if st.backend != "xla":
         return None
-    order, live = token_kl_xla.compaction(mask, token_kl_xla._blocks(mask.shape[0], st.token_chunk)[0])
-    return order, jnp.argsort(order), live
+    return token_kl_xla.compaction(mask, token_kl_xla._blocks(mask.shape[0], st.token_chunk)[0])
 
 
 def _permuted(x, order):

@@ -86,14 +86,15 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def compaction(mask_N: Array, chunk: int) -> tuple[Array, Array]:
-    """(order, live chunks): a stable permutation that puts the counted tokens (mask > 0) first, and the
-    number of token chunks that then hold any. Masked tokens get zero statistics and gradients, so the
-    chunks after the live ones need not be computed: the loss mask of a right-padded batch (and the 10% of
-    the benchmark) costs nothing."""
+def compaction(mask_N: Array, chunk: int) -> tuple[Array, Array, Array]:
+    """(order, restore, live chunks): a stable permutation that puts the counted tokens (mask > 0) first,
+    its inverse (x[order][restore] == x), and the number of token chunks that then hold any. Masked tokens
+    get zero statistics and gradients, so the chunks after the live ones need not be computed: the loss
+    mask of a right-padded batch (and the 10% of the benchmark) costs nothing."""
     counted = mask_N > 0
     order = jnp.argsort(~counted, stable=True)
-    return order, (jnp.sum(counted, dtype=jnp.int32) + chunk - 1) // chunk
+    restore = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return order, restore, (jnp.sum(counted, dtype=jnp.int32) + chunk - 1) // chunk
 
 
 def _chunked(x: Array | None, chunk: int, num_chunks: int) -> Array | None:

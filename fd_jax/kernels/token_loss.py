@@ -142,7 +142,7 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     tile, _ = token_kl_xla._blocks(vocab, st.vocab_tile)
     # Only chunks holding counted tokens are visited: the counted tokens go first (`compaction`), and the
     # outputs of the chunks never visited keep their zeros (what a masked token gets anyway).
-    order, live_chunks = token_kl_xla.compaction(mask, chunk)
+    order, restore, live_chunks = token_kl_xla.compaction(mask, chunk)
     xs = _chunks(jax.tree.map(lambda x: x[order], (hs, ht, ids, mask, aux)), chunk, num_chunks)
     # A 16-bit W is widened tile by tile (`_Unembedding`), twice per chunk: an f32 copy of W would cost as
     # much memory as the chunk buffers.
@@ -159,7 +159,6 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
         return carry, jax.tree.map(lambda buf, x: buf.at[c].set(x), outs, out_c)
 
     (loss, dw, _, _), (stats, dh) = lax.fori_loop(0, live_chunks, one_chunk, (init, outs))
-    restore = jnp.argsort(order)
     stats, dh = jax.tree.map(lambda x: x[restore], _unchunk((stats, dh), num))
     return loss, stats, dh, dw
 

@@ -13,7 +13,11 @@ kernel's chunks of 512; `--mask-fraction 0` times the kernels on fully counted b
 * `reference`: `reference_divergence`, [N, V] logits in memory (four [N, D] x [D, V] matmuls);
 * `fused`: `fused_divergence`, the per-token kernel whose backward recomputes every logit tile (six);
 * `one_pass`: `token_loss.fused_token_loss` with the per-token loss D_n / N: the gradient is formed while
-  the statistics are (four; the train step's default whenever its loss is a sum of per-token terms).
+  the statistics are (four; the train step's default whenever its loss is a sum of per-token terms);
+* `matmul_floor` (timed, not a divergence): the four matmuls that any value-and-grad must do (student and
+  teacher logits, d_h, dW) for the counted tokens only, unchunked, in the same input dtypes with f32
+  accumulation, and nothing else but g = s - t. No kernel of the same FLOPs can beat this machine's matmul
+  rate by much, so its ratio to the reference tells whether a time target is reachable here at all.
 
 Per shape (N tokens, D, V) and input dtypes (f32; bf16; `mixed`: bf16 hidden states with an f32 W, as the
 TPU configs train): XLA's compiled temporary memory (`memory_analysis().temp_size_in_bytes`) and the
@@ -87,6 +91,17 @@ def _one_pass_value_and_grad(chunk=None, tile=None, **kwargs):
     return jax.jit(run)
 
 
+def _matmul_floor(counted: int):
+    """The four [n, D] x [D, V] matmuls of a value-and-grad for the n counted tokens (see the docstring)."""
+    def run(hs, ht, w, mask):
+        del mask  # the counted tokens are taken as the first n: only the matmul shapes matter here
+        hs, ht = hs[:counted], ht[:counted]
+        dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
+        g = dot(hs, w) - dot(ht, w)
+        return dot(g, w.T), dot(hs.T, g)
+    return jax.jit(run)
+
+
 def _temp_bytes(fn, args) -> int:
     return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
@@ -120,11 +135,12 @@ def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blo
                    "fused": _value_and_grad(token_kl.fused_divergence, backend="xla", **kw),
                    "one_pass": _one_pass_value_and_grad(*one_pass_blocks, **kw)}
             mem = {name: _temp_bytes(fn, args) for name, fn in fns.items()}
-            secs, cpu = _interleaved_medians(fns, args, reps)
+            counted = int(np.sum(np.asarray(args[3]) > 0))
+            secs, cpu = _interleaved_medians({**fns, "matmul_floor": _matmul_floor(counted)}, args, reps)
             for name, fn in fns.items():  # the same value and gradients as the reference
                 _check_close(fns["reference"](*args), fn(*args), name)
             row = {"shape": shape_name, "N": num, "D": dim, "V": vocab, "dtype": dtype_name,
-                   "counted_tokens": int(np.sum(np.asarray(args[3]) > 0)),
+                   "counted_tokens": counted,
                    "reference_temp_MiB": round(mem["reference"] / 2**20, 1),
                    "reference_s": round(secs["reference"], 4), "reference_cpu_s": round(cpu["reference"], 4)}
             for name in ("fused", "one_pass"):
@@ -137,6 +153,9 @@ def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blo
                     "meets_targets": None if TARGET_TIME[dtype_name] is None else
                     bool(mem_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME[dtype_name]),
                 }
+            row["matmul_floor"] = {"s": round(secs["matmul_floor"], 4),
+                                   "time_ratio": round(secs["matmul_floor"] / secs["reference"], 3),
+                                   "cpu_time_ratio": round(cpu["matmul_floor"] / cpu["reference"], 3)}
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows

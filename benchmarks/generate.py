@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fd_jax.models import ModelConfig, init_model, load_hf
-from fd_jax.sampling import generate
+from fd_jax.rollout.sampling import generate
 
 # Target ratios (fd_jax / transformers tokens/s) from the issue, per model at batch 8.
 TARGETS = {"tiny": 2.5, "smollm2_135m_shape": 2.0}

@@ -66,8 +66,8 @@ def main() -> None:
     from fd_jax.data.char_tokenizer import build_char_tokenizer
     from fd_jax.feedback import get_provider
     from fd_jax.models import ModelConfig, init_model
-    from fd_jax.rollout import RolloutConfig, run_rollout
-    from fd_jax.sampling import generate
+    from fd_jax.rollout.rollout import RolloutConfig, run_rollout
+    from fd_jax.rollout.sampling import generate
     from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticVerifier, make_problems
 
     tokenizer = build_char_tokenizer()

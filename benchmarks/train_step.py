@@ -6,7 +6,7 @@
 Both variants do one FD update (reverse KL, alpha = 1, support `full`, EMA teacher, token_mean with the
 importance weight min(exp(logp - old_logp), is_clip)), f32, on the same model, batch and optimizer:
 
-* fused: `fd_jax.train_step.make_train_step` — one jitted call: teacher forward to hidden states, student
+* fused: `fd_jax.rl.step.make_train_step` — one jitted call: teacher forward to hidden states, student
   forward + backward, the fused kernel (never builds [tokens, vocab] logits; `fused_token_loss`, the
   gradient inside the statistics pass, unless --kernel-passes two: `fused_token_stats`), AdamW, EMA.
   --also-two-pass times the two-pass variant as well, interleaved.
@@ -61,9 +61,9 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 from fd_jax.models import ModelConfig, init_model
-from fd_jax.optim import OptimConfig, make_optimizer
-from fd_jax.train_batch import pack_train_batch
-from fd_jax.train_step import BATCH_FIELDS, StepConfig, TrainState, init_train_state, make_train_step
+from fd_jax.rl.optim import OptimConfig, make_optimizer
+from fd_jax.rl.batch import pack_train_batch
+from fd_jax.rl.step import BATCH_FIELDS, StepConfig, TrainState, init_train_state, make_train_step
 
 # ~22M parameters with the vocabulary-to-width ratio of real LLMs (most weights in the embeddings) and the
 # kernel shape of CALIBRATION.md (D 256, V 32768). `--narrow-vocab` gives the d 384 / V 16384 variant,

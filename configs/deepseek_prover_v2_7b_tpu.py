@@ -8,7 +8,7 @@ Needs ~/models/DeepSeek-Prover-V2-7B (a local HF directory) and a Lean Workbook 
 Parquet, e.g. internlm/Lean-Workbook's `lean_workbook.json`).
 """
 
-from fd_jax.config_defaults import lean_prover_config
+from fd_jax.config.defaults import lean_prover_config
 
 
 def get_config():

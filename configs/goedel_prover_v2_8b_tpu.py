@@ -8,7 +8,7 @@ Needs ~/models/Goedel-Prover-V2-8B (a local HF directory). The feedback endpoint
 OpenAI-compatible server (vLLM, SGLang) at feedback.base_url.
 """
 
-from fd_jax.config_defaults import lean_prover_config
+from fd_jax.config.defaults import lean_prover_config
 
 
 def get_config():

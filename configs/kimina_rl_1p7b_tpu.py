@@ -9,7 +9,7 @@ Download the checkpoint first (fd_jax never downloads): `huggingface-cli downloa
 works the same way (model.path to its directory).
 """
 
-from fd_jax.config_defaults import lean_prover_config
+from fd_jax.config.defaults import lean_prover_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ steps (configs/smollm2_arith_cpu.py is the one that learns).
     python scripts/train_tpu.py --config configs/smoke_cpu.py --workdir runs/smoke
 """
 
-from fd_jax.config_defaults import base_config
+from fd_jax.config.defaults import base_config
 
 
 def get_config():

@@ -13,7 +13,7 @@ about 0.01.
         --config.algorithm=grpo
 """
 
-from fd_jax.config_defaults import base_config
+from fd_jax.config.defaults import base_config
 
 SYSTEM = "You are a calculator. Reply with 'Answer: ' followed by the integer result, nothing else."
 

@@ -8,7 +8,7 @@ every run draws the same number of samples; evaluates the untrained model on the
 with the same sampling settings and seed as the runs' final evaluations (OUT/base, "step 0"); then writes
 
     OUT/demo.png       reward, policy entropy and KL(student, teacher) per step, and pass@k against k
-    OUT/pass_at_k.png  pass@k of the base model and of each final policy (fd_jax.evaluation.plot_pass_at_k)
+    OUT/pass_at_k.png  pass@k of the base model and of each final policy (fd_jax.eval.evaluation.plot_pass_at_k)
     OUT/summary.json   the settings and, per run, the curves' summaries and the final evaluation
 
 Running it again resumes an interrupted run and redraws the figures from what the runs left.
@@ -109,7 +109,7 @@ def run(command: Sequence[str], log_path: pathlib.Path) -> int:
 def evaluate_base(cfg, out: pathlib.Path) -> int:
     """The untrained model through scripts/evaluate.py with the runs' evaluation settings: the same problems,
     prompt, sampling and seed (one generate call, as the trainer makes), so it is every run's step 0."""
-    from fd_jax.components import model_dir
+    from fd_jax.train.components import model_dir
 
     directory = model_dir(cfg)
     if directory is None or cfg.data.task != "arithmetic":
@@ -151,7 +151,7 @@ def _eval_summary(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def summarize_run(workdir: pathlib.Path, cfg, algorithm: str) -> dict[str, Any]:
     """Curves and evaluations of one run from its metrics.jsonl and eval reports."""
-    from fd_jax.metrics_log import METRICS_FILE, read_jsonl
+    from fd_jax.train.metrics_log import METRICS_FILE, read_jsonl
 
     records = read_jsonl(workdir / METRICS_FILE)
     per_step = cfg.data.problems_per_step * cfg.rollout.num_generations
@@ -250,8 +250,8 @@ def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], 
 
 def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence[str], fields: Mapping[str, str],
                   exit_codes: Mapping[str, int]) -> dict[str, Any]:
-    from fd_jax.evaluation import plot_pass_at_k
-    from fd_jax.metrics_log import METRICS_FILE, read_jsonl
+    from fd_jax.eval.evaluation import plot_pass_at_k
+    from fd_jax.train.metrics_log import METRICS_FILE, read_jsonl
 
     runs = {a: summarize_run(out / a, cfg, a) for a in algorithms}
     base_path = out / "base" / "report.json"
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = overrides(args)
     cfg = resolved_config(args.config, fields)
     cfg.algorithm = "fd_then_grpo"  # the stage layout every run shares (fd_steps < total_steps is checked here)
-    from fd_jax.config_utils import validate
+    from fd_jax.config.validation import validate
 
     validate(cfg)
     exit_codes: dict[str, int] = {}

@@ -108,12 +108,12 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.checkpoint:
-        # Hook for trainer checkpoints: `fd_jax.trainer.restore_policy(workdir, step=None, dtype=...)
+        # Hook for trainer checkpoints: `fd_jax.train.loop.restore_policy(workdir, step=None, dtype=...)
         # -> (model, tokenizer)` rebuilds the policy of a workdir's orbax checkpoint.
         try:
-            from fd_jax.trainer import restore_policy
+            from fd_jax.train.loop import restore_policy
         except ImportError:
-            raise SystemExit(f"--checkpoint {args.checkpoint}: this fd_jax has no fd_jax.trainer.restore_policy; "
+            raise SystemExit(f"--checkpoint {args.checkpoint}: this fd_jax has no fd_jax.train.loop.restore_policy; "
                              f"export the checkpoint with fd_jax.models.save_hf and pass --model DIR") from None
         model, tokenizer = restore_policy(args.checkpoint, step=args.step, dtype=dtype)
         return model, tokenizer, pathlib.Path(args.checkpoint).name
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--compare {label}={path}: no such report file")
         compare[label] = json.loads(pathlib.Path(path).read_text())
 
-    from fd_jax import evaluation
+    from fd_jax.eval import evaluation
 
     model, tokenizer, model_name = load_policy(args)
     problems, fmt, verifier, lemmas = load_task(args, tokenizer)

@@ -15,7 +15,7 @@ class LocalProvider(FeedbackProvider):
     model: an fd_jax model (assign `provider.model_obj` to follow a changing policy); tokenizer: its HF
     tokenizer. chat: render the prompt as a user turn with the tokenizer's chat template.
     max_prompt_len: prompts longer than this (in tokens) keep their last max_prompt_len tokens.
-    generate_fn: `fd_jax.sampling.generate` by default (injectable for tests).
+    generate_fn: `fd_jax.rollout.sampling.generate` by default (injectable for tests).
     The disk cache is off unless `cache_dir` is given; with a policy that changes, leave it off.
     """
 
@@ -49,7 +49,7 @@ class LocalProvider(FeedbackProvider):
         self._seed = seed
         self._calls = 0
         if generate_fn is None:
-            from fd_jax.sampling import generate as generate_fn  # needs the device stack only when used
+            from fd_jax.rollout.sampling import generate as generate_fn  # needs the device stack only when used
         self._generate = generate_fn
 
     def generation_params(self) -> dict[str, Any]:

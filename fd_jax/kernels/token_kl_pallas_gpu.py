@@ -24,7 +24,7 @@ dW are accumulated in their f32 outputs by read-add-write of the program's own s
 multiplied at full f32 precision (Triton would otherwise use TF32); bf16 inputs use the tensor cores with
 f32 accumulation, the gradient tile rounded to bf16 before its matmuls as in the TPU kernels.
 
-Untimed: no GPU was at hand when this was written. `tests/test_token_kl.py` runs these kernels through the
+Untimed: no GPU was at hand when this was written. `tests/kernels/test_token_kl.py` runs these kernels through the
 Pallas interpreter against the reference and lowers them to Triton (`token_kl_pallas.build_for`);
 `benchmarks/token_kl.py` times them against the XLA engine on a GPU, and until it has, `backend="auto"`
 keeps XLA there. Where time will likely go: both gradient kernels read and write their f32 accumulators

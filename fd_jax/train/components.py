@@ -1,5 +1,5 @@
 """The parts of a run built from its config: the policy (model + tokenizer), the problems, the prompt
-format, the verifier and the feedback provider. Nothing here trains; `fd_jax.trainer` wires them up.
+format, the verifier and the feedback provider. Nothing here trains; `fd_jax.train.loop` wires them up.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from fd_jax import sharding as sharding_lib
-from fd_jax.config_utils import ConfigError
+from fd_jax.config.validation import ConfigError
 from fd_jax.data import Problem, get_prompt_format, load_problems
 from fd_jax.models import ModelConfig, Transformer, init_model, load_hf, read_config
 

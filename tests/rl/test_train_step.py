@@ -14,11 +14,12 @@ import pytest
 import transformers
 from flax import nnx
 
-from fd_jax import losses, sharding
+from fd_jax import sharding
+from fd_jax.rl import losses
 from fd_jax.models import ModelConfig, init_model
-from fd_jax.optim import OptimConfig, make_optimizer
-from fd_jax.train_batch import pack_train_batch
-from fd_jax.train_step import (StepConfig, _normalisers, _over_tokens, init_train_state, make_train_step,
+from fd_jax.rl.optim import OptimConfig, make_optimizer
+from fd_jax.rl.batch import pack_train_batch
+from fd_jax.rl.step import (StepConfig, _normalisers, _over_tokens, init_train_state, make_train_step,
                                micro_batch_loss, token_axes_of)
 
 CFG = ModelConfig.from_hf(transformers.Qwen3Config(
@@ -224,7 +225,7 @@ def test_kernels_run_on_each_devices_tokens():
     dict(distill_weight=1.0, teacher="ema", distill_mode="sampled_token", loss_agg="constant"),
 ], ids=["jsd-grpo-seq_mean", "grpo-alone-beta", "topk-live-dr_grpo", "sampled_token-constant"])
 def test_one_pass_kernel_gives_the_two_pass_loss_gradients_and_metrics(setup, overrides):
-    """The per-token loss folded into the kernel (one pass) against fused_token_stats + fd_jax.losses."""
+    """The per-token loss folded into the kernel (one pass) against fused_token_stats + fd_jax.rl.losses."""
     graphdef, params, batch = setup
     _, teacher = nnx.split(init_model(CFG, seed=3))
     totals = _normalisers(jax.tree.map(jnp.asarray, batch), StepConfig(**overrides))

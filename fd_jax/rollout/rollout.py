@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from fd_jax import losses
+from fd_jax.rl import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.data.reprompt import RepromptTemplates, build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.lean.types import REJECTED, VALID, ProofTask, Verdict
-from fd_jax.train_batch import TrainBatch, pack_train_batch
+from fd_jax.rl.batch import TrainBatch, pack_train_batch
 
 __all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
 
@@ -67,7 +67,7 @@ class RolloutResult:
 
 
 def group_advantages(rewards_PG: np.ndarray, *, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
-    """`fd_jax.losses.group_advantages` on host arrays: (r - mean_g r) / (std + eps), as float32 numpy."""
+    """`fd_jax.rl.losses.group_advantages` on host arrays: (r - mean_g r) / (std + eps), as float32 numpy."""
     return np.asarray(losses.group_advantages(np.asarray(rewards_PG, np.float32), scale=scale, eps=eps), np.float32)
 
 
@@ -279,7 +279,7 @@ def run_rollout(
 ) -> RolloutResult:
     """Roll out P problems x G samples and build the `TrainBatch` (rows b = p * G + g).
 
-    generate_fn: `fd_jax.sampling.generate` by default (§4 signature; `SampleOutput` rows with tokens,
+    generate_fn: `fd_jax.rollout.sampling.generate` by default (§4 signature; `SampleOutput` rows with tokens,
       logprobs, lengths, finish_reason). When it takes `n`, each prompt goes once with n=G (rows
       prompt-major), else every row's prompt is passed. verifier: `verify_batch(tasks)`, optionally
       `submit(tasks)`.
@@ -289,7 +289,7 @@ def run_rollout(
     means a bug or a misconfiguration (e.g. an empty prompt).
     """
     if generate_fn is None:
-        from fd_jax.sampling import generate as generate_fn
+        from fd_jax.rollout.sampling import generate as generate_fn
     total_start = time.perf_counter()
     G, P = config.num_generations, len(problems)
     B = P * G

@@ -39,16 +39,16 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from fd_jax import components, multihost, step_metrics
+from fd_jax.train import components, multihost, step_metrics
 from fd_jax import sharding as sharding_lib
-from fd_jax.checkpoint import Checkpointer
-from fd_jax.config_utils import ConfigError, Stage, config_from_json, stages, validate
+from fd_jax.train.checkpoint import Checkpointer
+from fd_jax.config.validation import ConfigError, Stage, config_from_json, stages, validate
 from fd_jax.data import ShuffledIterator
-from fd_jax.metrics_log import RunLog, truncate_jsonl
+from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
-from fd_jax.optim import learning_rate_schedule, make_optimizer
-from fd_jax.rollout import RolloutResult, run_rollout
-from fd_jax.train_step import BATCH_FIELDS, TrainState, init_train_state, make_train_step
+from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
+from fd_jax.rollout.rollout import RolloutResult, run_rollout
+from fd_jax.rl.step import BATCH_FIELDS, TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     problems = components.build_problems(cfg)
     eval_problems = components.build_problems(cfg, held_out=True) if _evaluates(cfg) else []
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
-    from fd_jax.sampling import generate
+    from fd_jax.rollout.sampling import generate
 
     generate_fn = multihost.global_generate(functools.partial(generate, mesh=mesh, pad_id=pad_id))
     resumed_at = None if fresh else (resume_step if resume_step is not None else plan[first_stage].first - 1)
@@ -383,14 +383,14 @@ def _record(run: _Run, stage: Stage, step: int, rollout: RolloutResult, per_iter
     return record
 
 
-_MISSING_EVALUATION = "fd_jax.evaluation is not available ({}); periodic evaluation is skipped"
+_MISSING_EVALUATION = "fd_jax.eval.evaluation is not available ({}); periodic evaluation is skipped"
 
 
 def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
     """pass@k (and entropy, diversity) of the current policy on the held-out problems; the report goes to
     DIR/eval/step_N/. Returns the `eval/*` scalars for the metrics line."""
     try:
-        from fd_jax import evaluation
+        from fd_jax.eval import evaluation
     except ImportError as e:
         run.log.message(_MISSING_EVALUATION.format(e))
         return {}

@@ -19,8 +19,8 @@ from fd_jax.lean.process import KEPT_ENV
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="process checks read /proc (Linux)")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FAKE = REPO / "tests" / "fake_repl.py"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+FAKE = REPO / "tests" / "lean" / "fake_repl.py"
 STATEMENT = "theorem t : 1 = 1 := by"
 
 

@@ -1,7 +1,7 @@
 """Every knob of a training run, with its default and what it does: the one base that `configs/*.py` start
-from (`config = base_config()`, then override). `fd_jax.config_utils.validate` checks the values; the
-sub-configs `step`, `optim` and the rollout fields become the dataclasses of `fd_jax.train_step`,
-`fd_jax.optim` and `fd_jax.rollout`, whose own checks name the field.
+from (`config = base_config()`, then override). `fd_jax.config.validation.validate` checks the values; the
+sub-configs `step`, `optim` and the rollout fields become the dataclasses of `fd_jax.rl.step`,
+`fd_jax.rl.optim` and `fd_jax.rollout.rollout`, whose own checks name the field.
 
 Override anything on the command line: `--config.rollout.num_generations=8 --config.step.alpha=0.5`.
 """
@@ -83,7 +83,7 @@ def rollout_config() -> config_dict.ConfigDict:
 
 
 def step_config() -> config_dict.ConfigDict:
-    """fd_jax.train_step.StepConfig; distill_weight is set by `algorithm` (fd 1, grpo 0) unless overridden."""
+    """fd_jax.rl.step.StepConfig; distill_weight is set by `algorithm` (fd 1, grpo 0) unless overridden."""
     s = config_dict.ConfigDict()
     s.distill_weight = placeholder(float)  # w in (1-w)·L_GRPO + w·L_FD; None = from algorithm (fd 1, grpo 0)
     s.teacher = "ema"  # ema | live | base (GRPO stages always use live: no teacher pass, no teacher copy)
@@ -115,7 +115,7 @@ def step_config() -> config_dict.ConfigDict:
 
 
 def optim_config() -> config_dict.ConfigDict:
-    """fd_jax.optim.OptimConfig."""
+    """fd_jax.rl.optim.OptimConfig."""
     o = config_dict.ConfigDict()
     o.learning_rate = 1e-6  # peak learning rate
     o.schedule = "constant"  # after warm-up: constant | cosine
@@ -186,8 +186,8 @@ def base_config() -> config_dict.ConfigDict:
     c.model = model_config()  # the policy: where its weights and tokenizer come from, dtypes
     c.data = data_config()  # problems, prompt format, problems per step
     c.rollout = rollout_config()  # sampling, reprompts, advantages
-    c.step = step_config()  # the loss and the teacher (fd_jax.train_step.StepConfig)
-    c.optim = optim_config()  # AdamW and its schedule (fd_jax.optim.OptimConfig)
+    c.step = step_config()  # the loss and the teacher (fd_jax.rl.step.StepConfig)
+    c.optim = optim_config()  # AdamW and its schedule (fd_jax.rl.optim.OptimConfig)
     c.lean = lean_config()  # the Lean verifier (data.task=lean)
     c.feedback = feedback_config()  # who writes the feedback the FD teacher reads
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fd_jax import losses
+from fd_jax.rl import losses
 
 B, T = 6, 7
 

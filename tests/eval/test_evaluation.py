@@ -16,14 +16,14 @@ import pytest
 
 from fd_jax.data.char_tokenizer import build_char_tokenizer
 from fd_jax.data.problems import Problem
-from fd_jax.diversity import lemmas_used, normalize_proof
-from fd_jax.evaluation import completion_logprobs_and_entropy, pass_at_k, plot_pass_at_k, summarize
+from fd_jax.eval.diversity import lemmas_used, normalize_proof
+from fd_jax.eval.evaluation import completion_logprobs_and_entropy, pass_at_k, plot_pass_at_k, summarize
 from fd_jax.lean.types import INVALID, VALID, ProofTask, Verdict
 from fd_jax.models import ModelConfig, init_model, save_hf
-from fd_jax.sampling import generate
+from fd_jax.rollout.sampling import generate
 from fd_jax.tasks.arithmetic import ArithmeticFormat, check_answer, make_problems
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKENIZER = build_char_tokenizer()
 TINY = ModelConfig(family="llama", vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8)

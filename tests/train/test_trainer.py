@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fd_jax.config_utils import ConfigError
-from fd_jax.metrics_log import read_jsonl
+from fd_jax.config.validation import ConfigError
+from fd_jax.train.metrics_log import read_jsonl
 from fd_jax.models import save_hf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "train_tpu.py")
 CONTRACT_FIELDS = ("step", "stage", "loss", "reward_mean", "entropy", "kl_mean", "pass_rate", "tokens_per_s",
                    "time/rollout_s", "time/generate_s", "time/verify_s", "time/feedback_s", "time/train_s",
@@ -136,7 +136,7 @@ def test_smoke_command_leaves_the_contract_files(reference, tmp_path):
     assert set(report["pass_at_k"]) == {"1", "2", "4"} and report["num_problems"] == 8
 
     # The exported policy is the last checkpoint's (restore_policy is what scripts/evaluate.py uses).
-    from fd_jax.trainer import restore_policy
+    from fd_jax.train.loop import restore_policy
 
     model, tokenizer = restore_policy(workdir)
     _assert_same_weights(_weights(save_hf(model, model.config, tmp_path / "restored")), _weights(workdir / "hf_final"))
@@ -197,7 +197,7 @@ def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
     rollouts = read_jsonl(tmp_path / "rollouts.jsonl")
     assert all(r["feedback"] is None and not r["distilled"] for r in rollouts if r["step"] > 2)
 
-    from fd_jax.trainer import restore_policy
+    from fd_jax.train.loop import restore_policy
 
     fd_final = _weights(tmp_path / "fd" / "hf_final")  # the FD stage's exported final policy
     grpo_start, _ = restore_policy(tmp_path, step=2)  # the GRPO stage's own checkpoint before its first step
@@ -206,8 +206,8 @@ def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
     # (Whether GRPO then moves the policy depends on rewards, and a random model earns none here.)
 
     # The stage layout is part of the workdir: changing fd_steps afterwards is refused, naming the field.
-    from fd_jax.config_utils import stages
-    from fd_jax.trainer import resume_point
+    from fd_jax.config.validation import stages
+    from fd_jax.train.loop import resume_point
 
     cfg = _smoke_config()
     cfg.algorithm, cfg.total_steps, cfg.fd_steps = "fd_then_grpo", 6, 3

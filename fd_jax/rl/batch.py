@@ -1,0 +1,124 @@
+"""The batch the train step consumes, and how ragged rollouts are packed into it (numpy, host side)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    """B = P*G rollouts, row b = problem b // G, sample b % G. Padded lengths S, U, C are multiples of the
+    rollout's `pad_multiple`, so the jitted step sees few distinct shapes.
+
+    student_tokens_BS: prompt + completion, right-padded with the pad id.
+    student_positions_BS: 0..len-1 on tokens, -1 on padding (the model derives its attention mask from it).
+    teacher_tokens_BU / teacher_positions_BU: the reprompt + the same completion (for a row without teacher
+      context, the student row itself), same conventions.
+    completion_tokens_BC: the generated tokens; completion_mask_BC: 1.0 on them (stop token included),
+      0.0 on padding.
+    student_index_BC / teacher_index_BC: the position in S / U whose hidden state predicts completion
+      token c, i.e. prompt_len - 1 + c (clipped into range on padding, where the mask is 0).
+    old_logprobs_BC: the sampler's log-probs of the completion tokens (0 on padding).
+    rewards_B, advantages_B: verifier reward and group advantage.
+    distill_mask_B: 1.0 where the row has a teacher context and takes the FD loss.
+    """
+
+    student_tokens_BS: np.ndarray
+    student_positions_BS: np.ndarray
+    teacher_tokens_BU: np.ndarray
+    teacher_positions_BU: np.ndarray
+    completion_tokens_BC: np.ndarray
+    completion_mask_BC: np.ndarray
+    student_index_BC: np.ndarray
+    teacher_index_BC: np.ndarray
+    old_logprobs_BC: np.ndarray
+    rewards_B: np.ndarray
+    advantages_B: np.ndarray
+    distill_mask_B: np.ndarray
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest positive multiple of `multiple` that is >= n."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _pack_rows(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, multiple: int, C: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens [B,T], positions [B,T] and the predicting index [B,C] of prompt + completion rows."""
+    B = len(prompts)
+    T = round_up(max(len(p) + len(c) for p, c in zip(prompts, completions)), multiple)
+    tokens_BT = np.full((B, T), pad_id, np.int32)
+    positions_BT = np.full((B, T), -1, np.int32)
+    for b, (prompt, completion) in enumerate(zip(prompts, completions)):
+        n = len(prompt) + len(completion)
+        tokens_BT[b, : len(prompt)] = prompt
+        tokens_BT[b, len(prompt) : n] = completion
+        positions_BT[b, :n] = np.arange(n)
+    prompt_len_B = np.array([len(p) for p in prompts], np.int32)
+    index_BC = np.minimum(prompt_len_B[:, None] - 1 + np.arange(C, dtype=np.int32)[None, :], T - 1)
+    return tokens_BT, positions_BT, index_BC.astype(np.int32)
+
+
+def pack_train_batch(
+    *,
+    student_prompts: Sequence[Sequence[int]],
+    teacher_prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    old_logprobs: Sequence[Sequence[float]],
+    rewards_B: np.ndarray,
+    advantages_B: np.ndarray,
+    distill_mask_B: np.ndarray,
+    pad_id: int,
+    pad_multiple: int = 32,
+) -> TrainBatch:
+    """Pack B ragged rows (token id lists) into a `TrainBatch`.
+
+    Every prompt must be non-empty (the first completion token is predicted from the last prompt token)
+    and `old_logprobs[b]` as long as `completions[b]`. Raises ValueError naming the row otherwise.
+    """
+    B = len(completions)
+    if not B == len(student_prompts) == len(teacher_prompts) == len(old_logprobs):
+        raise ValueError(
+            f"pack_train_batch: row counts differ: {len(student_prompts)} student prompts, "
+            f"{len(teacher_prompts)} teacher prompts, {B} completions, {len(old_logprobs)} logprob rows"
+        )
+    for b in range(B):
+        if not student_prompts[b] or not teacher_prompts[b]:
+            raise ValueError(f"pack_train_batch: row {b} has an empty student or teacher prompt")
+        if len(old_logprobs[b]) != len(completions[b]):
+            raise ValueError(
+                f"pack_train_batch: row {b} has {len(completions[b])} completion tokens but "
+                f"{len(old_logprobs[b])} log-probs"
+            )
+    C = round_up(max(len(c) for c in completions), pad_multiple)
+    student_tokens, student_positions, student_index = _pack_rows(
+        student_prompts, completions, pad_id, pad_multiple, C
+    )
+    teacher_tokens, teacher_positions, teacher_index = _pack_rows(
+        teacher_prompts, completions, pad_id, pad_multiple, C
+    )
+    completion_tokens = np.full((B, C), pad_id, np.int32)
+    completion_mask = np.zeros((B, C), np.float32)
+    logprobs = np.zeros((B, C), np.float32)
+    for b, completion in enumerate(completions):
+        completion_tokens[b, : len(completion)] = completion
+        completion_mask[b, : len(completion)] = 1.0
+        logprobs[b, : len(completion)] = old_logprobs[b]
+    return TrainBatch(
+        student_tokens_BS=student_tokens,
+        student_positions_BS=student_positions,
+        teacher_tokens_BU=teacher_tokens,
+        teacher_positions_BU=teacher_positions,
+        completion_tokens_BC=completion_tokens,
+        completion_mask_BC=completion_mask,
+        student_index_BC=student_index,
+        teacher_index_BC=teacher_index,
+        old_logprobs_BC=logprobs,
+        rewards_B=np.asarray(rewards_B, np.float32),
+        advantages_B=np.asarray(advantages_B, np.float32),
+        distill_mask_B=np.asarray(distill_mask_B, np.float32),
+    )

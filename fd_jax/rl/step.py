@@ -1,0 +1,432 @@
+"""The one jitted update: teacher and student forward passes to final hidden states, the fused token-level
+kernel, the FD and GRPO losses, gradients through the student only, AdamW, and the teacher update.
+
+The step is a pure function of (TrainState, batch); the trainer owns everything else. Teacher kinds:
+
+* `ema`: φ ← (1 − τ)·φ + τ·θ after every optimizer step, inside the same jitted call;
+* `live`: φ = θ (no teacher parameters are stored); with `fuse_live_passes` student and teacher rows run as
+  one forward pass over the concatenated batch;
+* `base`: φ = θ₀, frozen.
+
+The kernel (`kernel_passes`): `one` folds the loss into the kernel as per-token terms (the GRPO surrogate with
+its aggregation weight, the importance-weighted divergence with its own), so the gradient is formed in the
+statistics pass (`fd_jax.kernels.token_loss`); `two` takes per-token statistics from `fused_token_stats`
+and forms the loss with `fd_jax.rl.losses`, whose backward recomputes the logits. Both give the same loss,
+gradients and metrics; `auto` picks `one` unless the loss is GSPO's (sequence-level ratios) or the Pallas
+engine runs (TPU).
+
+Micro-batches (`micro_batches` > 1) are accumulated with `lax.scan`; each micro-batch's loss is weighted by
+its share of the whole batch's normaliser (tokens, rows, ...), so k micro-batches give the update of one
+batch up to float rounding.
+
+On a mesh whose batch rows are split over devices, the kernels run under `shard_map` over those mesh axes
+(`TokenAxes`, `data` and `fsdp`): each device loops over its own rows' tokens with the whole unembedding,
+and the unembedding's gradient is summed over devices. Devices along the other axes (`tensor`) hold the same
+rows and repeat their kernel. Left to XLA's partitioner, a kernel's loop over token chunks (a scan cannot be
+split along its steps) would gather every token onto every device and repeat the whole computation there.
+Micro-batches take every k-th row (`_split_micro`), so each stays spread over the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fd_jax.rl import losses
+from fd_jax.kernels import token_kl, token_loss
+
+# (mesh, axis names) over which the batch rows are split: the kernels then run on each device's rows
+# (`_over_tokens`). None: they see all rows at once.
+TokenAxes = tuple[jax.sharding.Mesh, tuple[str, ...]] | None
+
+TEACHERS = ("ema", "live", "base")
+KERNEL_PASSES = ("auto", "one", "two")
+
+BATCH_FIELDS = (
+    "student_tokens_BS", "student_positions_BS", "teacher_tokens_BU", "teacher_positions_BU",
+    "completion_tokens_BC", "completion_mask_BC", "student_index_BC", "teacher_index_BC",
+    "old_logprobs_BC", "advantages_B", "distill_mask_B",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    distill_weight: float = 1.0  # w in (1 - w)·L_GRPO + w·L_FD: 1 = FD, 0 = GRPO
+    teacher: str = "ema"  # ema | live | base
+    ema_tau: float = 0.05  # EMA rate of the teacher
+    fuse_live_passes: bool = True  # live teacher: one forward over student + teacher rows
+    alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: generalized JSD
+    distill_mode: str = "full"  # full | topk | sampled_token
+    top_k: int = 20  # support size of distill_mode=topk
+    add_tail: bool = True  # topk: add the tail bucket log(1 - Σp) instead of renormalising
+    is_clip: float = 2.0  # FD importance weights min(exp(logp - old_logp), is_clip)
+    loss_agg: str = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
+    loss_agg_constant: float | None = None  # the normaliser of loss_agg=constant (None: rows x C of the batch)
+    loss_type: str = "dapo"  # GRPO family: grpo | dr_grpo | dapo | bnpo
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    max_completion_length: int | None = None  # dr_grpo's constant normaliser (default: C of the batch)
+    beta: float = 0.0  # weight of the k3 KL to the reference (base) policy in GRPO
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many along rows
+    token_chunk: int | None = None  # blocks of the fused divergence kernel (None: its engine's default)
+    vocab_tile: int | None = None
+    kernel_backend: str = "auto"
+    kernel_passes: str = "auto"  # one (gradient inside the statistics pass) | two (backward recomputes) | auto
+    loss_chunk: int = token_loss.DEFAULT_LOSS_CHUNK  # tokens per chunk of the one-pass kernel
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"step.teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"step.distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not 0.0 < self.ema_tau <= 1.0:
+            raise ValueError(f"step.ema_tau must be in (0, 1], got {self.ema_tau}")
+        if self.micro_batches < 1:
+            raise ValueError(f"step.micro_batches must be >= 1, got {self.micro_batches}")
+        if self.kernel_passes not in KERNEL_PASSES:
+            raise ValueError(f"step.kernel_passes must be one of {KERNEL_PASSES}, got {self.kernel_passes!r}")
+        if self.kernel_passes == "one" and self.importance_sampling_level != "token":
+            raise ValueError("step.kernel_passes='one' needs importance_sampling_level='token' (GSPO's sequence "
+                             "ratio is not a sum of per-token terms); use 'two' or 'auto'")
+
+
+class TrainState(NamedTuple):
+    """Everything an update reads and writes. `teacher` is None for a live teacher; `ref` (θ₀, for the
+    GRPO KL penalty) is None unless beta > 0 and the teacher is not `base` (which is θ₀ itself)."""
+
+    step: jax.Array
+    params: nnx.State
+    teacher: nnx.State | None
+    ref: nnx.State | None
+    opt_state: Any
+
+
+def init_train_state(params: nnx.State, optimizer: optax.GradientTransformation, cfg: StepConfig) -> TrainState:
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  (separate buffers: params get donated)
+    teacher = None if cfg.teacher == "live" else copy(params)
+    ref = copy(params) if cfg.beta > 0 and cfg.teacher != "base" else None
+    return TrainState(jnp.zeros((), jnp.int32), params, teacher, ref, optimizer.init(params))
+
+
+def _gather_BCD(hidden_BTD, index_BC):
+    return jnp.take_along_axis(hidden_BTD, index_BC[:, :, None], axis=1)
+
+
+def _pad_to(x_BT, length, value):
+    return jnp.pad(x_BT, ((0, 0), (0, length - x_BT.shape[1])), constant_values=value)
+
+
+def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
+    """(student h_BCD, teacher h_BCD) at the positions that predict the completion tokens."""
+    student = nnx.merge(graphdef, params)
+    if cfg.teacher == "live" and cfg.fuse_live_passes:
+        b = mb["student_tokens_BS"].shape[0]
+        t = max(mb["student_tokens_BS"].shape[1], mb["teacher_tokens_BU"].shape[1])
+        tokens = jnp.concatenate([_pad_to(mb["student_tokens_BS"], t, 0), _pad_to(mb["teacher_tokens_BU"], t, 0)])
+        positions = jnp.concatenate(
+            [_pad_to(mb["student_positions_BS"], t, -1), _pad_to(mb["teacher_positions_BU"], t, -1)]
+        )
+        hidden = student.hidden_states(tokens, positions)
+        hs = _gather_BCD(hidden[:b], mb["student_index_BC"])
+        ht = _gather_BCD(hidden[b:], mb["teacher_index_BC"])
+        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
+    teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+    hs = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+    ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]), mb["teacher_index_BC"])
+    return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
+
+
+def _normalisers(mb, cfg: StepConfig):
+    c = mb["completion_mask_BC"].shape[1]
+    mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
+    distill_BC = mask_BC * mb["distill_mask_B"][:, None]
+    length = cfg.max_completion_length or c
+    return {
+        "grpo": losses.normaliser(cfg.loss_type, mask_BC, max_completion_length=length),
+        "fd": losses.normaliser(cfg.loss_agg, distill_BC, max_completion_length=length,
+                                constant=cfg.loss_agg_constant),
+    }
+
+
+def _kernel_passes(cfg: StepConfig) -> str:
+    """`one` (fused_token_loss: the gradient in the statistics pass) or `two` (fused_token_stats, whose
+    backward recomputes the logits). One pass needs a loss that is a sum of per-token terms, which GSPO's
+    sequence-level ratio is not; `auto` also keeps the Pallas engine (two passes) where it runs."""
+    if cfg.kernel_passes != "auto":
+        return cfg.kernel_passes
+    if cfg.importance_sampling_level != "token":
+        return "two"
+    return "two" if token_kl._resolve_backend(cfg.kernel_backend, cfg.distill_mode) == "pallas" else "one"
+
+
+def _token_objective(stats: token_kl.TokenStats, aux: dict, *, cfg: StepConfig) -> jax.Array:
+    """The step's loss as per-token terms (elementwise; aux holds [N] arrays): the GRPO surrogate (+ k3
+    KL) and the importance-weighted divergence, each times its aggregation weight."""
+    w = cfg.distill_weight
+    loss = jnp.zeros_like(stats.logprob)
+    if w < 1:
+        grpo = losses.clipped_surrogate(stats.logprob - aux["old_logp"], aux["advantage"], eps_low=cfg.eps_low,
+                                        eps_high=cfg.eps_high)
+        if cfg.beta > 0:
+            grpo = grpo + cfg.beta * losses.k3_kl(stats.logprob, aux["ref_logp"])
+        loss = loss + (1 - w) * aux["grpo_weight"] * grpo
+    if w > 0:
+        weight = losses.fd_importance_weight(stats.logprob, aux["old_logp"], is_clip=cfg.is_clip)
+        loss = loss + w * aux["fd_weight"] * stats.divergence * weight
+    return loss
+
+
+def token_axes_of(batch: dict) -> TokenAxes:
+    """The mesh axes that split the batch rows (from the completion tokens' sharding), or None when the
+    rows sit whole on one device or are replicated."""
+    sharding = getattr(batch["completion_tokens_BC"], "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return None
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return (sharding.mesh, tuple(axes)) if _shards(sharding.mesh, axes) > 1 else None
+
+
+def _shards(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
+    """fn(*per_token, *shared) -> (sums, per-token outputs) on the tokens of a [B, C] grid (rows x
+    completion positions), with the rows split over the devices of `token_axes` (`shard_map`) and the shared
+    arguments (W) whole on each.
+
+    per_token: [B, C, ...] arrays, pytrees of them or None; fn sees them flattened to [tokens, ...] and
+    returns `sums` (a pytree of sums over tokens, added over devices) and per-token outputs ([tokens, ...],
+    returned as [B, C, ...]). The shared arguments' gradients are summed over devices by shard_map's
+    transpose. Without token axes fn runs on all rows at once; so it does, with a warning, when the devices
+    do not divide B (every device then repeats the whole kernel).
+    """
+    rows, cols = per_token[0].shape[:2]
+
+    def local(per_token, shared):
+        sums, outputs = fn(*jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), per_token), *shared)
+        return sums, jax.tree.map(lambda x: x.reshape(-1, cols, *x.shape[1:]), outputs)
+
+    if token_axes is None:
+        return local(per_token, shared)
+    mesh, axes = token_axes
+    if rows % _shards(mesh, axes):
+        warnings.warn(f"a micro-batch of {rows} rows does not split over the {_shards(mesh, axes)} devices of mesh "
+                      f"axes {axes}: every device computes the loss kernel of all rows. Make the rows per "
+                      "micro-batch (rows per step / step.micro_batches) a multiple of mesh.data x mesh.fsdp.",
+                      stacklevel=2)
+        return local(per_token, shared)
+    split, whole = jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()
+
+    def on_device(per_token, shared):
+        sums, outputs = local(per_token, shared)
+        return jax.tree.map(lambda x: jax.lax.psum(x, axes), sums), outputs
+
+    # check_vma=False: the kernels' loops carry per-device values started from constants.
+    sharded = jax.shard_map(on_device, mesh=mesh, out_specs=(whole, split), check_vma=False,
+                            in_specs=(jax.tree.map(lambda _: split, per_token), jax.tree.map(lambda _: whole, shared)))
+    return sharded(per_token, shared)
+
+
+def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes=None):
+    """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
+    ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
+    h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+
+    def logprobs(h_ND, ids_N, mask_N, w_DV):
+        return (), token_kl.token_logprobs_and_entropy(h_ND, w_DV, ids_N, mask_N, **kernel)
+
+    _, (ref_logp_BC, _) = _over_tokens(logprobs, token_axes, (h_ref, mb["completion_tokens_BC"], mask_BC),
+                                       (ref.unembedding,))
+    return jax.lax.stop_gradient(ref_logp_BC)
+
+
+def _student_hidden(graphdef, params, mb):
+    student = nnx.merge(graphdef, params)
+    h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
+                        mb["student_index_BC"])
+    return h_BCD, student.unembedding
+
+
+def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig,
+                     token_axes: TokenAxes = None):
+    """The loss of one micro-batch, already scaled by its share of the whole batch, and its metrics as sums
+    (weighted by tokens) and maxima, to be combined over micro-batches. token_axes: see `_over_tokens`."""
+    b, c = mb["completion_tokens_BC"].shape
+    mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
+    ids_BC = mb["completion_tokens_BC"]
+    old_logp_BC = mb["old_logprobs_BC"].astype(jnp.float32)
+    distill_BC = mask_BC * mb["distill_mask_B"][:, None]
+    w = cfg.distill_weight
+    kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
+    shares = _normalisers(mb, cfg)
+    scale = {k: shares[k] / totals[k] for k in shares}
+    ref_logp_BC = None
+    if w < 1 and cfg.beta > 0:
+        ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes)
+
+    if w > 0:
+        hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
+    else:  # GRPO alone: no teacher pass at all
+        (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(graphdef, params, mb), None, None
+    divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
+                      add_tail=cfg.add_tail)
+
+    one_pass_loss = None
+    if _kernel_passes(cfg) == "one":
+        length = cfg.max_completion_length or c
+        aux = {"old_logp": old_logp_BC, "advantage": jnp.broadcast_to(mb["advantages_B"][:, None], (b, c)),
+               "grpo_weight": losses.policy_aggregation_weights(cfg.loss_type, mask_BC,
+                                                                max_completion_length=length) * scale["grpo"],
+               "fd_weight": losses.fd_aggregation_weights(cfg.loss_agg, distill_BC,
+                                                          normaliser=cfg.loss_agg_constant) * scale["fd"]}
+        if ref_logp_BC is not None:
+            aux["ref_logp"] = ref_logp_BC
+        aux = {k: v.astype(jnp.float32) for k, v in aux.items()}
+        objective = functools.partial(_token_objective, cfg=cfg)
+
+        def one_pass(hs_ND, ht_ND, mask_N, ids_N, aux_N, w_DV, wt_DV):
+            teacher = {} if ht_ND is None else dict(divergence, w_teacher=wt_DV)
+            return token_loss.fused_token_loss(hs_ND, ht_ND, w_DV, mask_N, ids_N, objective, aux_N,
+                                               token_chunk=cfg.loss_chunk, **teacher)
+
+        one_pass_loss, stats = _over_tokens(one_pass, token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC, aux),
+                                            (w_DV, w_teacher_DV))
+    elif ht_BCD is not None:
+        def two_pass(hs_ND, ht_ND, mask_N, ids_N, w_DV, wt_DV):
+            return (), token_kl.fused_token_stats(hs_ND, ht_ND, w_DV, mask_N, ids_N, w_teacher=wt_DV, **divergence,
+                                                  **kernel)
+
+        _, stats = _over_tokens(two_pass, token_axes, (hs_BCD, ht_BCD, mask_BC, ids_BC), (w_DV, w_teacher_DV))
+    else:
+        def student_only(hs_ND, mask_N, ids_N, w_DV):
+            return (), token_kl.token_logprobs_and_entropy(hs_ND, w_DV, ids_N, mask_N, **kernel)
+
+        _, (logp_BC, entropy_BC) = _over_tokens(student_only, token_axes, (hs_BCD, mask_BC, ids_BC), (w_DV,))
+        stats = token_kl.TokenStats(jnp.zeros_like(logp_BC), logp_BC, entropy_BC)
+    logp_BC, entropy_BC, divergence_BC = stats.logprob, stats.entropy, stats.divergence
+
+    # With one pass, the stats are constants here: the losses below give the metrics (and the same value).
+    loss = jnp.zeros((), jnp.float32)
+    sums = {"tokens": jnp.sum(mask_BC), "distill_tokens": jnp.sum(distill_BC),
+            "entropy": jnp.sum(entropy_BC * mask_BC), "kl": jnp.sum(divergence_BC * distill_BC)}
+    maxes = {"kl_max": jnp.max(jnp.where(distill_BC > 0, divergence_BC, 0.0))}
+    if w < 1:
+        grpo, grpo_metrics = losses.policy_loss_and_metrics(
+            logp_BC, old_logp_BC, mb["advantages_B"], mask_BC, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length or c, beta=cfg.beta, ref_logp_BT=ref_logp_BC)
+        grpo = grpo * scale["grpo"]
+        loss += (1 - w) * grpo
+        sums["grpo_loss"] = jax.lax.stop_gradient(grpo)
+        sums.update({f"grpo/{k}": v * sums["tokens"] for k, v in grpo_metrics.items() if not k.endswith("_max")})
+        maxes.update({f"grpo/{k}": v for k, v in grpo_metrics.items() if k.endswith("_max")})
+    if w > 0:
+        fd, fd_metrics = losses.fd_loss_and_metrics(
+            divergence_BC, logp_BC, old_logp_BC, distill_BC, is_clip=cfg.is_clip, loss_agg=cfg.loss_agg,
+            normaliser=cfg.loss_agg_constant)
+        fd = fd * scale["fd"]
+        loss += w * fd
+        sums["fd_loss"] = jax.lax.stop_gradient(fd)
+        for k in ("fd/is_weight_mean", "fd/is_clip_frac"):
+            sums[k] = fd_metrics[k] * sums["distill_tokens"]
+        maxes["fd/is_weight_max"] = fd_metrics["fd/is_weight_max"]
+    return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
+
+
+def _split_micro(batch, k):
+    """[B, ...] -> [k, B / k, ...], micro-batch j taking rows j, j + k, ...: rows split in contiguous blocks
+    over devices leave every micro-batch spread over all of them."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A jitted `step(state, batch) -> (state, metrics)`; `batch` holds the arrays named in BATCH_FIELDS.
+
+    The state is donated: its buffers are reused for the new state.
+    """
+
+    def step(state: TrainState, batch: dict, token_axes: TokenAxes = None):
+        loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}
+        b = batch["completion_tokens_BC"].shape[0]
+        if b % cfg.micro_batches:
+            raise ValueError(f"batch rows {b} are not divisible by step.micro_batches={cfg.micro_batches}")
+        totals = jax.tree.map(lambda x: jnp.maximum(x, 1e-9), _normalisers(batch, cfg))
+
+        def accumulate(carry, mb):
+            grads, sums, maxes = carry
+            (_, (mb_sums, mb_maxes)), mb_grads = grad_fn(state.params, state.teacher, state.ref, mb, totals)
+            return (jax.tree.map(jnp.add, grads, mb_grads), jax.tree.map(jnp.add, sums, mb_sums),
+                    jax.tree.map(jnp.maximum, maxes, mb_maxes)), None
+
+        micro = _split_micro(batch, cfg.micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, (sums0, maxes0) = jax.eval_shape(loss_fn, state.params, state.teacher, state.ref, first, totals)
+        init = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0),
+            jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), maxes0),
+        )
+        (grads, sums, maxes), _ = jax.lax.scan(accumulate, init, micro)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        teacher = state.teacher
+        if cfg.teacher == "ema":
+            tau = cfg.ema_tau
+            teacher = jax.tree.map(lambda phi, theta: ((1 - tau) * phi + tau * theta).astype(phi.dtype),
+                                   teacher, params)
+        tokens = jnp.maximum(sums.pop("tokens"), 1.0)
+        distill_tokens = jnp.maximum(sums.pop("distill_tokens"), 1.0)
+        metrics = {
+            "loss": (1 - cfg.distill_weight) * sums.get("grpo_loss", 0.0) + cfg.distill_weight * sums.get("fd_loss", 0.0),
+            "entropy": sums.pop("entropy") / tokens,
+            "kl_mean": sums.pop("kl") / distill_tokens,
+            "grad_norm": optax.global_norm(grads),
+            "completion_tokens": tokens,
+            "distill_tokens": distill_tokens,
+            **maxes,
+        }
+        for key, value in sums.items():
+            if key.startswith("grpo/"):
+                metrics[key] = value / tokens
+            elif key.startswith("fd/"):
+                metrics[key] = value / distill_tokens
+            else:
+                metrics[key] = value
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = learning_rate_fn(state.step)
+        return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics
+
+    compiled: dict = {}
+
+    def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        # The new state keeps the shardings of the old one. Left to propagation, XLA may pick other layouts
+        # for some outputs (e.g. split 1-D norm scales), which recompiles the next step and defeats donation.
+        # Only mesh placements are pinned; single-device (possibly uncommitted) leaves stay free.
+        shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None,
+            state)
+        token_axes = token_axes_of(batch)
+        key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
+        if key not in compiled:
+            compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,
+                                    out_shardings=(shardings, None))
+        return compiled[key](state, batch)
+
+    return run

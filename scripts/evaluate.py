@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import pathlib
-import shlex
+import re
 import sys
 from typing import Any
 
@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from a checkout, without i
 
 LOG = logging.getLogger("evaluate")
 DEFAULT_PROBLEMS = REPO_ROOT.parent / "shared" / "data" / "minif2f.jsonl"
-DEFAULT_PROMPT_FORMATS = {"lean": "lean_completion", "arithmetic": "arithmetic"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,6 +43,8 @@ def _named_paths(text: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fd_jax.tasks import TASKS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_argument_group("model (one of)")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
 
     data = parser.add_argument_group("problems")
-    data.add_argument("--task", default="lean", choices=["lean", "arithmetic"])
+    data.add_argument("--task", default="lean", choices=sorted(TASKS))
     data.add_argument("--problems", default=str(DEFAULT_PROBLEMS), help="problem file (task lean)")
     data.add_argument("--problem_format", default="minif2f", help="loader: minif2f | lean_workbook")
     data.add_argument("--split", default="test", help="split to keep ('' keeps every row)")
@@ -126,47 +127,63 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return model, tokenizer, pathlib.Path(args.model).resolve().name
 
 
+# The run-config field each flag sets, so that a task's error names the flag the user typed.
+FLAG_OF = {
+    "data.task": "--task", "data.path": "--problems", "data.format": "--problem_format", "data.split": "--split",
+    "data.num_problems": "--num_problems", "data.level": "--level", "data.problem_seed": "--problem_seed",
+    "data.prompt_format": "--prompt_format", "data.prompt_template": "--template", "data.system_prompt": "--system",
+    "data.num_shots": "--num_shots", "lean.backend": "--lean_backend", "lean.repl_command": "--repl_command",
+    "lean.cwd": "--lean_cwd", "lean.workers": "--workers", "lean.timeout_s": "--timeout_s",
+    "lean.memory_limit_mb": "--memory_limit_mb", "lean.kimina_url": "--kimina_url",
+}  # fmt: skip
+
+
+def task_config(args: argparse.Namespace):
+    """The run config (`fd_jax.config.defaults.base_config`) with the task's fields set from the flags."""
+    from fd_jax.config.defaults import base_config
+    from fd_jax.tasks import get_task
+
+    task = get_task(args.task)
+    cfg = base_config()
+    values = {
+        "data.task": args.task, "data.path": args.problems, "data.format": args.problem_format,
+        "data.split": args.split, "data.num_problems": args.num_problems or task.default_num_problems,
+        "data.level": args.level, "data.problem_seed": args.problem_seed,
+        "data.prompt_format": args.prompt_format or task.prompt_formats[0], "data.prompt_template": args.template,
+        "data.system_prompt": args.system, "data.num_shots": args.num_shots, "lean.backend": args.lean_backend,
+        "lean.repl_command": args.repl_command, "lean.cwd": args.lean_cwd or "", "lean.workers": args.workers or 0,
+        "lean.timeout_s": args.timeout_s, "lean.memory_limit_mb": args.memory_limit_mb,
+        "lean.kimina_url": args.kimina_url,
+    }  # fmt: skip
+    assert set(values) == set(FLAG_OF), "every flag of a task field is mapped once"
+    for path, value in values.items():
+        section, field = path.split(".")
+        cfg[section][field] = value
+    return cfg
+
+
+def _as_flag(error: Exception) -> SystemExit:
+    """A task's ConfigError (`config.data.path = ...: why`) as the flag's error (`--problems = ...: why`)."""
+    text = re.sub(r"config\.([\w.]+)", lambda m: FLAG_OF.get(m.group(1), m.group(0)), str(error))
+    return SystemExit(text)
+
+
 def load_task(args: argparse.Namespace, tokenizer: Any):
     """(problems, prompt format, verifier, count lemmas?) for --task."""
-    from fd_jax.data import get_prompt_format, load_problems
+    from fd_jax.config.errors import ConfigError
+    from fd_jax.tasks import get_task
 
-    fmt_name = args.prompt_format or DEFAULT_PROMPT_FORMATS[args.task]
-    # The arithmetic format becomes a chat turn when it is given the tokenizer; lean_chat always needs it.
-    registry_name = "arithmetic" if fmt_name == "arithmetic_chat" else fmt_name
-    chat = fmt_name.endswith("_chat")
-    if args.system and not chat:
-        raise SystemExit(f"--system: --prompt_format {fmt_name} has no system turn; use a _chat format")
-    if args.num_shots and args.task != "arithmetic":
-        raise SystemExit("--num_shots: worked examples exist for --task arithmetic only")
-    options: dict[str, Any] = {"tokenizer": tokenizer, "system": args.system or None} if chat else {}
-    if args.template:
-        options["template"] = args.template
-    if args.task == "arithmetic":
-        from fd_jax.tasks.arithmetic import ArithmeticVerifier, make_problems, worked_examples
-
-        fmt = get_prompt_format(registry_name, examples=worked_examples(args.num_shots, level=args.level), **options)
-        problems = make_problems(args.num_problems or 32, seed=args.problem_seed, level=args.level)
-        return problems, fmt, ArithmeticVerifier(), False
-    fmt = get_prompt_format(registry_name, **options)
-
-    path = pathlib.Path(args.problems)
-    if not path.is_file():
-        raise SystemExit(f"--problems {path}: no such file (miniF2F ships in ../shared/data, or pass a JSONL)")
-    problems = load_problems(path, format=args.problem_format, split=args.split or None)
-    if not problems:
-        raise SystemExit(f"--problems {path}: no rows with split {args.split!r}; use --split '' to keep all")
-    if args.num_problems:
-        problems = problems[: args.num_problems]
-    from fd_jax.lean import get_verifier
-
-    if args.lean_backend == "kimina":
-        verifier = get_verifier("kimina", base_url=args.kimina_url, timeout_s=args.timeout_s,
-                                max_concurrency=args.workers or 8)
-    else:
-        verifier = get_verifier("local", repl_command=shlex.split(args.repl_command), workers=args.workers,
-                                timeout_s=args.timeout_s, memory_limit_mb=args.memory_limit_mb or None,
-                                cwd=args.lean_cwd)
-    return problems, fmt, verifier, True
+    cfg = task_config(args)
+    if args.system and not cfg.data.prompt_format.endswith("_chat"):
+        raise SystemExit(f"--system: --prompt_format {cfg.data.prompt_format} has no system turn; use a _chat format")
+    task = get_task(args.task)
+    try:
+        task.check(cfg)
+        problems = task.problems(cfg)
+        fmt = task.prompt_format(cfg, tokenizer)
+    except ConfigError as e:
+        raise _as_flag(e) from None
+    return problems, fmt, task.verifier(cfg), task.count_lemmas
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compare[label] = json.loads(pathlib.Path(path).read_text())
 
     from fd_jax.eval import evaluation
+    from fd_jax.tasks import get_task
 
     model, tokenizer, model_name = load_policy(args)
     problems, fmt, verifier, lemmas = load_task(args, tokenizer)
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )  # fmt: skip
     report["model"] = args.model or args.checkpoint
     report["task"] = args.task
-    report["problems_source"] = args.problems if args.task == "lean" else f"arithmetic:{args.level}"
+    report["problems_source"] = get_task(args.task).source(task_config(args))
     name = args.name or model_name
     paths = evaluation.write_report(report, args.out, name=name)
     if compare:

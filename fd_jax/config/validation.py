@@ -14,11 +14,13 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from fd_jax.config.errors import ConfigError
 from fd_jax.data.problems import LOADERS
-from fd_jax.data.prompts import PROMPT_FORMATS, fill
+from fd_jax.data.prompts import fill
 from fd_jax.data.reprompt import RepromptTemplates
 from fd_jax.rl.optim import SCHEDULES, OptimConfig
 from fd_jax.rollout.rollout import RolloutConfig
+from fd_jax.tasks import TASKS, get_task, prompt_format_names
 
 ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
 MODEL_SOURCES = ("hf", "init", "smollm2_gguf")
@@ -35,7 +37,6 @@ _FIXED_CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.init.model_type": ("llama", "qwen2", "qwen3"),
-    "data.task": ("arithmetic", "lean"),
     "data.level": ("easy", "medium", "hard"),
     "rollout.scale_rewards": ("group", "batch", "none"),
     "step.distill_mode": ("full", "topk", "sampled_token"),
@@ -58,10 +59,6 @@ _MINIMUM = {
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field (`config.a.b`), the value and the fix."""
-
-
 def get(cfg: config_dict.ConfigDict, path: str) -> Any:
     value = cfg
     for key in path.split("."):
@@ -81,7 +78,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "step.loss_agg": losses.LOSS_AGGS,
         "data.format": tuple(sorted(LOADERS)),
         "data.eval_format": ("", *sorted(LOADERS)),
-        "data.prompt_format": (*sorted(PROMPT_FORMATS), "arithmetic_chat"),
+        "data.task": tuple(TASKS),
+        "data.prompt_format": prompt_format_names(),
         "lean.backend": tuple(sorted(BACKENDS)),
     }
 
@@ -129,17 +127,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if cfg.model.source == "init" and cfg.model.tokenizer == "":
         raise _fail("model.tokenizer", "", "model.source=init has no tokenizer of its own: use 'char' or a local dir")
     d = cfg.data
-    if d.task == "lean":
-        if not d.path or not pathlib.Path(d.path).expanduser().is_file():
-            raise _fail("data.path", d.path, "data.task=lean needs a problem file (e.g. miniF2F JSONL)")
-        if d.prompt_format.startswith("arithmetic"):
-            raise _fail("data.prompt_format", d.prompt_format, "data.task=lean needs lean_completion | lean_chat")
-    elif not d.prompt_format.startswith("arithmetic"):
-        raise _fail("data.prompt_format", d.prompt_format, "data.task=arithmetic needs arithmetic | arithmetic_chat")
-    elif d.num_problems < 1:
-        raise _fail("data.num_problems", d.num_problems, "data.task=arithmetic generates this many problems: >= 1")
-    if d.num_shots and d.task != "arithmetic":
-        raise _fail("data.num_shots", d.num_shots, "worked examples exist for data.task=arithmetic only; set 0")
+    get_task(d.task).check(cfg)
     if d.prompt_template:
         try:
             fill(d.prompt_template, context="", statement="", header="", informal="")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from fd_jax.lean.types import ProofTask
+from fd_jax.verification import ProofTask
 
 _FENCE_OPEN = re.compile(r"```([A-Za-z0-9_+-]*)[^\n]*\n")
 _DECLARATION = re.compile(r"^\s*(?:theorem|lemma)\s+([^\s({\[:]+)", re.MULTILINE)

@@ -1,4 +1,4 @@
-"""Prompt formats: how a `Problem` (plus optional teacher context) becomes model text, and how the model's
+"""Prompt formats (the Lean ones; each task owns its formats, see `fd_jax.tasks`): how a `Problem` (plus optional teacher context) becomes model text, and how the model's
 completion becomes a `ProofTask`.
 
 A format renders `render(problem, context="")`: the student sees `context=""`, the teacher sees the feedback
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from fd_jax.data.extraction import extract_proof_task
 from fd_jax.data.problems import Problem
-from fd_jax.lean.types import ProofTask
+from fd_jax.verification import ProofTask
 
 # DeepSeek-Prover (V1.5) whole-proof completion: the model continues an open lean4 block after the statement.
 # With an empty context this is that format exactly.
@@ -123,16 +123,9 @@ def render_chat(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _arithmetic(**options: Any) -> PromptFormat:
-    from fd_jax.tasks.arithmetic import ArithmeticFormat  # the test bed lives with its verifier
-
-    return ArithmeticFormat(**options)
-
-
 PROMPT_FORMATS: dict[str, Callable[..., PromptFormat]] = {
     "lean_completion": LeanCompletionFormat,
     "lean_chat": LeanChatFormat,
-    "arithmetic": _arithmetic,
 }
 
 

@@ -32,7 +32,7 @@ from fd_jax.eval import diversity
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.kernels.token_kl import token_logprobs_and_entropy
-from fd_jax.lean.types import VALID, ProofTask, Verdict
+from fd_jax.verification import VALID, ProofTask, Verdict
 from fd_jax.rollout.sampling import bucket
 
 log = logging.getLogger(__name__)

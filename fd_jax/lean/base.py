@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Protocol
-
 from fd_jax.lean.screen import DEFAULT_HEADER, screen
 from fd_jax.lean.types import CRASHED, REJECTED, ProofTask, Verdict
-
-
-class Verifier(Protocol):
-    """What the trainer calls. Failures are verdicts; only misuse (a closed verifier, a non-task) raises."""
-
-    def verify_batch(self, tasks: list[ProofTask]) -> list[Verdict]: ...
-
-    def submit(self, tasks: list[ProofTask]) -> concurrent.futures.Future[list[Verdict]]: ...
-
-    def close(self) -> None: ...
+from fd_jax.verification import Verifier  # noqa: F401  (the contract; re-exported for the back-ends)
 
 
 def gather(futures: list[concurrent.futures.Future[Verdict]]) -> concurrent.futures.Future[list[Verdict]]:

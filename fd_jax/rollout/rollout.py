@@ -24,7 +24,7 @@ from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.data.reprompt import RepromptTemplates, build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
-from fd_jax.lean.types import REJECTED, VALID, ProofTask, Verdict
+from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
 
 __all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]

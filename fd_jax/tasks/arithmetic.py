@@ -2,7 +2,7 @@
 
 Problems read "Compute 4831 * 27 - 903." (usual precedence: `*` before `+`/`-`); the model answers with an
 integer. The checker knows the answer by re-evaluating the statement, so it needs no answer key, and it
-speaks the verifier interface of `fd_jax.lean.LeanVerifier` (`verify_batch`, `submit`, `close`, context
+speaks the verifier contract of `fd_jax.verification` (`verify_batch`, `submit`, `close`, context
 manager) with Lean-REPL-shaped messages that say precisely what is wrong. This is a test bed for the
 training machinery; it is not theorem proving.
 """
@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ml_collections import config_dict
 
 from fd_jax.data.extraction import strip_think
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import fill, render_chat
-from fd_jax.lean.types import INVALID, REJECTED, VALID, ProofTask, Verdict
+from fd_jax.tasks.base import Task, fail, format_options
+from fd_jax.verification import INVALID, REJECTED, VALID, ProofTask, Verdict
 
 _STATEMENT = re.compile(r"^Compute (.+)\.$")
 _TOKEN = re.compile(r"\s*(\d+|[-+*])")
@@ -272,3 +274,34 @@ class ArithmeticFormat:
 
     def demonstration(self, task: ProofTask) -> str:
         return f"{task.statement}\nAnswer: {task.code}"
+
+
+class ArithmeticTask(Task):
+    """The test bed as a task: generated problems of `data.level`, the formats above, the exact checker."""
+
+    name = "arithmetic"
+    prompt_formats = ("arithmetic", "arithmetic_chat")
+    default_num_problems = 32  # problems generated when no count is given
+
+    def check(self, cfg: config_dict.ConfigDict) -> None:
+        super().check(cfg)
+        if cfg.data.num_problems < 1:
+            raise fail("data.num_problems", cfg.data.num_problems,
+                       "data.task=arithmetic generates this many problems: >= 1")
+
+    def problems(self, cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
+        d = cfg.data
+        if held_out:
+            return make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
+        return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+
+    def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
+        # The completion and the chat style are one format: it becomes a chat turn when given the tokenizer.
+        examples = worked_examples(cfg.data.num_shots, level=cfg.data.level)
+        return ArithmeticFormat(examples=examples, **format_options(cfg, tokenizer))
+
+    def verifier(self, cfg: config_dict.ConfigDict) -> ArithmeticVerifier:
+        return ArithmeticVerifier()
+
+    def source(self, cfg: config_dict.ConfigDict) -> str:
+        return f"arithmetic:{cfg.data.level}"

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
-import shlex
 from typing import Any
 
 import jax
@@ -17,9 +15,11 @@ from flax import nnx
 from ml_collections import config_dict
 
 from fd_jax import sharding as sharding_lib
-from fd_jax.config.validation import ConfigError
-from fd_jax.data import Problem, get_prompt_format, load_problems
+from fd_jax.config.errors import ConfigError
+from fd_jax.data import Problem, PromptFormat
 from fd_jax.models import ModelConfig, Transformer, init_model, load_hf, read_config
+from fd_jax.tasks import get_task
+from fd_jax.verification import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -107,56 +107,16 @@ def build_policy(cfg: config_dict.ConfigDict, *, mesh: jax.sharding.Mesh | None,
 
 def build_problems(cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
     """Training problems, or the held-out ones (`eval.num_problems` of them) when `held_out`."""
-    d = cfg.data
-    if d.task == "arithmetic":
-        from fd_jax.tasks.arithmetic import make_problems
-
-        if held_out:
-            return make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
-        return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
-    path = pathlib.Path(d.eval_path or d.path if held_out else d.path).expanduser()
-    split = d.eval_split if held_out else d.split
-    loader = (d.eval_format or d.format) if held_out else d.format
-    problems = load_problems(path, format=loader, split=split or None)
-    if not problems:
-        field = "data.eval_split" if held_out else "data.split"
-        raise ConfigError(f"config.{field} = {split!r}: {path} has no problems in that split ('' keeps all)")
-    limit = cfg.eval.num_problems if held_out else d.num_problems
-    return problems[:limit] if limit else problems
+    return get_task(cfg.data.task).problems(cfg, held_out=held_out)
 
 
-def build_format(cfg: config_dict.ConfigDict, tokenizer: Any):
-    d = cfg.data
-    name, options = d.prompt_format, {"template": d.prompt_template} if d.prompt_template else {}
-    if name.endswith("_chat"):
-        options.update(tokenizer=tokenizer, system=d.system_prompt or None)
-    if name.startswith("arithmetic"):
-        from fd_jax.tasks.arithmetic import worked_examples
-
-        return get_prompt_format("arithmetic", examples=worked_examples(d.num_shots, level=d.level), **options)
-    return get_prompt_format(name, **options)
+def build_format(cfg: config_dict.ConfigDict, tokenizer: Any) -> PromptFormat:
+    return get_task(cfg.data.task).prompt_format(cfg, tokenizer)
 
 
-def build_verifier(cfg: config_dict.ConfigDict):
-    """The arithmetic checker, or this host's Lean verifier (a REPL pool per host, or a Kimina client)."""
-    if cfg.data.task == "arithmetic":
-        from fd_jax.tasks.arithmetic import ArithmeticVerifier
-
-        return ArithmeticVerifier()
-    from fd_jax.lean import DEFAULT_HEADER, get_verifier
-
-    lean = cfg.lean
-    common = dict(header=lean.header or DEFAULT_HEADER, timeout_s=lean.timeout_s,
-                  allow_native_decide=lean.allow_native_decide, audit_axioms=lean.audit_axioms)
-    if lean.backend == "kimina":
-        return get_verifier("kimina", base_url=lean.kimina_url, max_concurrency=lean.workers or 8, **common)
-    if lean.backend != "local":
-        raise ConfigError(f"config.lean.backend = {lean.backend!r}: a training run builds 'local' or 'kimina' "
-                          f"(LeanDojo needs a traced repository; use fd_jax.lean.LeanDojoVerifier directly)")
-    command = [os.path.expanduser(part) for part in shlex.split(lean.repl_command)]
-    return get_verifier("local", repl_command=command, workers=lean.workers or None,
-                        memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
-                        cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+def build_verifier(cfg: config_dict.ConfigDict) -> Verifier:
+    """The task's checker for this host (for Lean: a REPL pool per host, or a Kimina client)."""
+    return get_task(cfg.data.task).verifier(cfg)
 
 
 def build_feedback(cfg: config_dict.ConfigDict, workdir: pathlib.Path):

@@ -48,6 +48,7 @@ from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
+from fd_jax.tasks import get_task
 from fd_jax.rl.step import BATCH_FIELDS, TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
         problems, model=nnx.merge(run.graphdef, params), tokenizer=run.policy.tokenizer, fmt=run.fmt,
         verifier=run.verifier, n=e.n, ks=tuple(e.ks), max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         seed=e.seed, entropy=jax.process_count() == 1,  # the entropy pass is per host, not a global program
-        lemmas=run.cfg.data.task == "lean", generate_fn=run.generate_fn, progress=False)
+        lemmas=get_task(run.cfg.data.task).count_lemmas, generate_fn=run.generate_fn, progress=False)
     sums = {f"pass@{k}": v * len(problems) for k, v in report["pass_at_k"].items()}
     sums.update(problems=len(problems), solved=report["solved"])
     combined = multihost.reduce_scalars(sums, {})

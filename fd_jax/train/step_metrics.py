@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fd_jax.lean.types import STATUSES, VALID
+from fd_jax.verification import STATUSES, VALID
 from fd_jax.rollout.rollout import RolloutResult
 
 TIMINGS = ("generate_s", "verify_s", "feedback_s", "wait_s", "batch_s", "total_s")

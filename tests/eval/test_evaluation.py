@@ -18,7 +18,7 @@ from fd_jax.data.char_tokenizer import build_char_tokenizer
 from fd_jax.data.problems import Problem
 from fd_jax.eval.diversity import lemmas_used, normalize_proof
 from fd_jax.eval.evaluation import completion_logprobs_and_entropy, pass_at_k, plot_pass_at_k, summarize
-from fd_jax.lean.types import INVALID, VALID, ProofTask, Verdict
+from fd_jax.verification import INVALID, VALID, ProofTask, Verdict
 from fd_jax.models import ModelConfig, init_model, save_hf
 from fd_jax.rollout.sampling import generate
 from fd_jax.tasks.arithmetic import ArithmeticFormat, check_answer, make_problems

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fd_jax.data import Problem
-from fd_jax.lean.types import ProofTask
+from fd_jax.verification import ProofTask
 from fd_jax.tasks.arithmetic import (
     ArithmeticFormat,
     ArithmeticLevel,

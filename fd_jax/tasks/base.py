@@ -1,0 +1,77 @@
+"""What a task is: where its problems come from, how a problem becomes a prompt and a completion becomes
+something to check, and who checks it.
+
+A `Task` is looked up by name (`config.data.task`, `scripts/evaluate.py --task`) in `fd_jax.tasks.TASKS`;
+nothing outside `fd_jax/tasks/` branches on the task's name. Its methods read the run's ml_collections config
+(the `data.*` fields, and a task's own section such as `lean.*`) and raise `ConfigError` naming the field.
+
+An episode today is one turn without tools: render the problem, sample one completion, `extract` it into a
+`ProofTask`, verify it, and give a verdict (and, for FD, feedback) on it. Episodes of several turns with tool
+calls extend this rather than replace it: such a task sets `max_turns > 1` and names its `tools` (name -> a
+host callable from the call's text to the observation's text); the rollout then samples until a tool call
+or a final answer, appends each observation to the context, and extracts and verifies the final answer as
+now, with the observation tokens masked out of the loss. A single-turn task is the case `max_turns = 1`,
+`tools = {}`, which is what the rollout supports at present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from ml_collections import config_dict
+
+from fd_jax.config.errors import ConfigError
+from fd_jax.data.problems import Problem
+from fd_jax.data.prompts import PromptFormat
+from fd_jax.verification import Verifier
+
+
+class Task:
+    """A verifiable task. Subclasses set the class attributes and implement the four methods."""
+
+    name: ClassVar[str]
+    prompt_formats: ClassVar[tuple[str, ...]]  # the values data.prompt_format may take; the first is the default
+    count_lemmas: ClassVar[bool] = False  # diversity hook: evaluation counts the Mathlib lemmas of valid proofs
+    default_feedback: ClassVar[str] = "lean_errors"  # the feedback provider that needs nothing but the verifier
+    default_num_problems: ClassVar[int] = 0  # scripts/evaluate.py's --num_problems 0: 0 = every problem of the source
+    max_turns: ClassVar[int] = 1  # turns per episode (see the module docstring)
+    tools: ClassVar[Mapping[str, Callable[[str], str]]] = {}  # tools the policy may call within an episode
+
+    def check(self, cfg: config_dict.ConfigDict) -> None:
+        """Raises ConfigError for a setting this task cannot work with (called by config validation)."""
+        d = cfg.data
+        if d.prompt_format not in self.prompt_formats:
+            raise fail("data.prompt_format", d.prompt_format,
+                       f"data.task={self.name} needs {' | '.join(self.prompt_formats)}")
+
+    def problems(self, cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
+        """The training problems, or the held-out ones (`eval.num_problems` of them) when `held_out`."""
+        raise NotImplementedError
+
+    def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> PromptFormat:
+        """The format named by `data.prompt_format` (rendering prompts, extracting ProofTasks)."""
+        raise NotImplementedError
+
+    def verifier(self, cfg: config_dict.ConfigDict) -> Verifier:
+        """This host's checker (a context manager: the caller closes it)."""
+        raise NotImplementedError
+
+    def source(self, cfg: config_dict.ConfigDict) -> str:
+        """Where the problems come from, for reports."""
+        raise NotImplementedError
+
+
+def fail(path: str, value: Any, why: str) -> ConfigError:
+    """`config.PATH = VALUE: why`, the shape of every config error."""
+    return ConfigError(f"config.{path} = {value!r}: {why}")
+
+
+def format_options(cfg: config_dict.ConfigDict, tokenizer: Any) -> dict[str, Any]:
+    """The options every prompt format takes from `data.*`: a template override and, for a chat format,
+    the tokenizer and the system turn."""
+    d = cfg.data
+    options: dict[str, Any] = {"template": d.prompt_template} if d.prompt_template else {}
+    if d.prompt_format.endswith("_chat"):
+        options.update(tokenizer=tokenizer, system=d.system_prompt or None)
+    return options

@@ -22,7 +22,7 @@ import urllib.request
 from typing import Any
 
 from fd_jax.lean.base import ThreadedVerifier
-from fd_jax.lean.protocol import audit_verdict, classify, strip_imports
+from fd_jax.lean.protocol import audit_query, audit_verdict, classify_answer, strip_imports
 from fd_jax.lean.screen import DEFAULT_HEADER, theorem_name
 from fd_jax.lean.types import CRASHED, TIMEOUT, VALID, ProofTask, Verdict
 
@@ -57,23 +57,34 @@ def kimina_line_offset(prefix: str, snippet: str) -> int:
     return prefix.count("\n") - lead
 
 
-def kimina_verdict(result: dict[str, Any], *, line_offset: int = 0) -> Verdict:
+def kimina_verdict(result: Any, *, line_offset: int = 0) -> Verdict:
     """The verdict for one Kimina result (`{"error": ..., "response": ...}`, see the module docstring).
 
-    A server error mentioning a timeout is `timeout`, any other server error `crashed`; a REPL answer is
-    classified as by `classify` (warnings do not matter), with `line_offset` subtracted from message lines
-    (see `kimina_line_offset`; lines that fall in the header become 0).
+    Fails closed like `classify`: a result whose fields have the wrong type (`error` neither null nor a
+    string, `time` not a finite non-negative number, `response` not an object, an error beside a
+    response, ...) is `crashed` with the reason. A server error mentioning a timeout is `timeout`, any
+    other server error `crashed`; a REPL answer is classified as by `classify` except that `env` may be
+    absent (the server drops it), with `line_offset` subtracted from message lines (see
+    `kimina_line_offset`; lines that fall in the header become 0). Never raises.
     """
     if not isinstance(result, dict):
         return Verdict(CRASHED, reason=f"Kimina result is a {type(result).__name__}, not a JSON object")
-    time_s = float(result.get("time") or 0.0)
-    if error := result.get("error"):
-        status = TIMEOUT if "timed out" in str(error).lower() or "timeout" in str(error).lower() else CRASHED
+    time_s = result.get("time", 0.0)
+    if time_s is None:
+        time_s = 0.0
+    if isinstance(time_s, bool) or not isinstance(time_s, (int, float)) or not 0 <= time_s < math.inf:
+        return Verdict(CRASHED, reason=f"malformed Kimina result: `time` is {time_s!r}")
+    error, response = result.get("error"), result.get("response")
+    if error is not None and not isinstance(error, str):
+        return Verdict(CRASHED, time_s=time_s, reason=f"malformed Kimina result: `error` is {error!r}")
+    if error:
+        if response is not None:
+            return Verdict(CRASHED, time_s=time_s, reason=f"Kimina result has an error beside a response: {error}")
+        status = TIMEOUT if "timed out" in error.lower() or "timeout" in error.lower() else CRASHED
         return Verdict(status, time_s=time_s, reason=f"Kimina server: {error}")
-    response = result.get("response")
     if not isinstance(response, dict):
-        return Verdict(CRASHED, time_s=time_s, reason="Kimina result has neither an error nor a response")
-    verdict = classify(response)
+        return Verdict(CRASHED, time_s=time_s, reason="Kimina result has neither an error nor a response object")
+    verdict = classify_answer(response, require_env=False)
     verdict.messages = _shift(verdict.messages, line_offset)
     verdict.time_s = verdict.time_s or time_s
     return verdict
@@ -89,7 +100,8 @@ class KiminaVerifier(ThreadedVerifier):
     api_key: sent as `Authorization: Bearer <key>` when set.
     http_timeout_s: client-side limit per request (default timeout_s + 30); past it the verdict is `timeout`.
     max_retries: extra attempts after 429/502/503/504 or a refused connection, with exponential backoff.
-    audit_axioms: append `#print axioms NAME` to the snippet and refuse non-standard axioms.
+    audit_axioms: append `#print axioms _root_.NAME` to the snippet and refuse non-standard axioms; the
+      audit's answer is the message on that line, and it must name exactly that constant, once.
     """
 
     def __init__(
@@ -149,7 +161,7 @@ class KiminaVerifier(ThreadedVerifier):
         name = theorem_name(task.statement) if self.audit_axioms else None
         audit_line = code.count("\n") + 3 - prefix.count("\n")  # in the coordinates of task.code
         if name:
-            code += f"\n\n#print axioms {name}\n"
+            code += f"\n\n{audit_query(name)}\n"
         payload = {"snippet": {"id": task.id or "fd_jax", "code": code}, "timeout": math.ceil(self.timeout_s),
                    "debug": False, "reuse": True}  # fmt: skip
         start = time.monotonic()
@@ -160,8 +172,12 @@ class KiminaVerifier(ThreadedVerifier):
             return Verdict(TIMEOUT, time_s=time.monotonic() - start, reason=why)
         except (_ServerError, ValueError) as err:
             return Verdict(CRASHED, time_s=time.monotonic() - start, reason=str(err))
-        if isinstance(result, dict) and isinstance(result.get("results"), list) and result["results"]:
-            result = result["results"][0]  # a server answering in the older `/verify` shape
+        if isinstance(result, dict) and "results" in result:  # a server answering in the older `/verify` shape
+            results = result["results"]
+            if not isinstance(results, list) or len(results) != 1:
+                return Verdict(CRASHED, time_s=time.monotonic() - start,
+                               reason=f"Kimina `results` is not a list of one result: {str(results)[:200]}")
+            result = results[0]
         verdict = kimina_verdict(result, line_offset=line_offset)
         if name and isinstance(result, dict) and isinstance(result.get("response"), dict):
             audit = [m for m in verdict.messages if (m.get("pos") or {}).get("line") == audit_line]

@@ -4,7 +4,7 @@ Protocol as the real one: JSON commands separated by blank lines on stdin; each 
 pretty-printed JSON object and a blank line on stdout. `{"cmd": text}` without `env` is a header (it may
 `import`) and creates an environment; `{"cmd": text, "env": n}` continues n (unknown n ->
 `{"message": "Unknown environment."}`; an `import` line -> an error, as Lean gives). `#print axioms NAME`
-lists axioms as Lean does. Messages use Lean 4.9's spelling (`unknown identifier 'x'`,
+lists axioms as Lean does (`_root_.NAME` is NAME). Messages use Lean 4.9's spelling (`unknown identifier 'x'`,
 `declaration uses 'sorry'`) so that the client's normalisation is exercised.
 
 Magic words in a proof trigger behaviours (FAKE_BAD_HEADER in a header makes it fail to load):
@@ -18,6 +18,10 @@ Magic words in a proof trigger behaviours (FAKE_BAD_HEADER in a header makes it 
   FAKE_OLD_SORRY       a sorry, reported in Lean 4.9's words
   FAKE_AXIOM           the theorem then depends on sorryAx (as if an error had been hidden)
   FAKE_NATIVE_AXIOM    the theorem then depends on Lean.ofReduceBool
+  FAKE_AXIOMS_OTHER    `#print axioms` answers about another constant (`Hack.NAME`), as an open namespace would
+  FAKE_AXIOMS_TWICE    `#print axioms` answers with two reports (an ambiguous answer)
+  FAKE_AXIOMS_SILENT   `#print axioms` answers with no report
+  FAKE_AXIOMS_HIDDEN_SORRY  a clean report for the theorem, and a second one that names sorryAx
   FAKE_EXTRA_OUTPUT    answer, then print a second, unasked-for answer
   FAKE_REPORT          an info message with this process's pid, pgid, sid, cwd, environment and RLIMIT_AS
   FAKE_SLEEP_MS=<n>    sleep n milliseconds before answering
@@ -119,13 +123,25 @@ def _proof(text: str, args: argparse.Namespace) -> dict:
     return answer
 
 
-def _axioms(name: str, text: str) -> dict:
-    if not re.search(rf"(theorem|lemma)\s+{re.escape(name)}\b", text):
+def _axioms(query: str, text: str) -> dict:
+    name = query.removeprefix("_root_.")  # Lean resolves `_root_.x` to the root declaration `x`
+    if not re.search(rf"(theorem|lemma)\s+{re.escape(name)}(?![\w'.])", text):
         return {"messages": [_message("error", "", 0, 0, f"unknown constant '{name}'")]}
     axioms = ["propext", "Classical.choice", "Quot.sound"]
-    axioms += ["sorryAx"] if "FAKE_AXIOM" in text else []
+    axioms += ["sorryAx"] if "FAKE_AXIOM" in text and "FAKE_AXIOMS_" not in text else []
     axioms += ["Lean.ofReduceBool"] if "FAKE_NATIVE_AXIOM" in text else []
-    return {"messages": [_message("info", "", 0, 0, f"'{name}' depends on axioms: [{', '.join(axioms)}]")]}
+    report = f"'{name}' depends on axioms: [{', '.join(axioms)}]"
+    clean = "depends on axioms: [propext]"
+    if "FAKE_AXIOMS_OTHER" in text:  # as if the query had resolved to another constant
+        report = f"'Hack.{name}' {clean}"
+    elif "FAKE_AXIOMS_TWICE" in text:  # an ambiguous answer: two reports
+        report = [report, f"'{name}' {clean}"]
+    elif "FAKE_AXIOMS_SILENT" in text:  # no report at all
+        report = []
+    elif "FAKE_AXIOMS_HIDDEN_SORRY" in text:  # a clean report for the name, sorryAx in a second message
+        report = [f"'{name}' {clean}", "'helper' depends on axioms: [sorryAx]"]
+    reports = report if isinstance(report, list) else [report]
+    return {"messages": [_message("info", "", 0, 0, r) for r in reports]}
 
 
 def _answer(command: dict, envs: list[str], args: argparse.Namespace) -> dict:

@@ -78,7 +78,7 @@ def _with_audit(response: dict, snippet: str, axioms: str = "propext, Classical.
         return response
     line = snippet.count("\n", 0, match.start()) + 1 - _body_line_offset(snippet)
     info = {"severity": "info", "pos": {"line": line, "column": 0}, "endPos": {"line": line, "column": 6},
-            "data": f"'{match.group(1)}' depends on axioms: [{axioms}]"}  # fmt: skip
+            "data": f"'{match.group(1).removeprefix('_root_.')}' depends on axioms: [{axioms}]"}  # fmt: skip
     return {**response, "messages": [*response.get("messages", []), info]}
 
 

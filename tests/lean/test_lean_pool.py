@@ -292,3 +292,13 @@ def test_configuration_errors(tmp_path):
         LeanVerifier([], workers=1)
     with LeanVerifier(fake(tmp_path), workers=1) as verifier, pytest.raises(TypeError, match="ProofTask"):
         verifier.submit(["theorem t : True := trivial"])  # type: ignore[list-item]
+
+
+def test_axiom_audit_is_bound_to_the_theorem(tmp_path):
+    """The stand-in answers `#print axioms` about another constant, twice, not at all, or with sorryAx in a
+    second report: never `valid`."""
+    bodies = ["FAKE_AXIOMS_OTHER", "FAKE_AXIOMS_TWICE", "FAKE_AXIOMS_SILENT", "FAKE_AXIOMS_HIDDEN_SORRY", "rfl"]
+    with LeanVerifier(fake(tmp_path), workers=1, timeout_s=10.0, memory_limit_mb=None) as verifier:
+        verdicts = verifier.verify_batch([task(body) for body in bodies])
+    assert [v.status for v in verdicts] == ["invalid", "invalid", "invalid", "sorry", "valid"], verdicts
+    assert "Hack.t" in verdicts[0].reason and "exactly one" in verdicts[1].reason

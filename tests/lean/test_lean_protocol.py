@@ -11,7 +11,7 @@ import pytest
 
 from fd_jax.lean import DEFAULT_HEADER, classify, kimina_verdict, normalize_message, parse_repl_output
 from fd_jax.lean.kimina import kimina_line_offset
-from fd_jax.lean.protocol import audit_verdict, proof_command, strip_imports
+from fd_jax.lean.protocol import audit_command, audit_verdict, proof_command, strip_imports
 
 
 def _commands(path: pathlib.Path) -> list[dict]:
@@ -129,16 +129,49 @@ def test_imports_blanked_keeping_positions():
     assert strip_imports("theorem t : True := trivial") == "theorem t : True := trivial"
 
 
+def _info(*texts: str) -> dict:
+    """A `#print axioms` answer as the REPL gives it: one info message per text, and the new env."""
+    at = {"line": 1, "column": 0}
+    return {"messages": [{"severity": "info", "pos": at, "endPos": at, "data": t} for t in texts], "env": 7}
+
+
 def test_axiom_audit_answers():
-    standard = {"messages": [{"data": "'t' depends on axioms: [propext, Classical.choice, Quot.sound]"}]}
-    assert audit_verdict("t", standard) is None
-    assert audit_verdict("t", {"messages": [{"data": "'t' does not depend on any axioms"}]}) is None
-    hidden = {"messages": [{"data": "'t' depends on axioms: [propext, sorryAx]"}]}
-    assert audit_verdict("t", hidden).status == "sorry"
-    native = {"messages": [{"data": "'t' depends on axioms: [Lean.ofReduceBool, propext]"}]}
+    assert audit_command("t", 3) == {"cmd": "#print axioms _root_.t", "env": 3}
+    assert audit_command("_root_.t", 3)["cmd"] == "#print axioms _root_.t"
+    assert audit_verdict("t", _info("'t' depends on axioms: [propext, Classical.choice, Quot.sound]")) is None
+    assert audit_verdict("t", _info("'t' does not depend on any axioms")) is None
+    assert audit_verdict("t'", _info("'t'' does not depend on any axioms")) is None
+    assert audit_verdict("t", _info("'t' depends on axioms: [propext, sorryAx]")).status == "sorry"
+    native = _info("'t' depends on axioms: [Lean.ofReduceBool, propext]")
     assert audit_verdict("t", native).status == "invalid"
     assert audit_verdict("t", native, allow_native_decide=True) is None
-    assert audit_verdict("t", {"messages": [{"data": "unknown constant 't'"}]}).status == "invalid"
+    error = {"messages": [{"severity": "error", "pos": {"line": 1, "column": 0}, "data": "unknown constant 't'"}]}
+    assert audit_verdict("t", error).status == "invalid"
+
+
+# Answers an attacker would like the audit to accept: about another constant, ambiguous, or none at all.
+AUDIT_ATTACKS = {
+    "another constant": _info("'Hack.t' depends on axioms: [propext]"),
+    "a suffix of the name": _info("'t' depends on axioms: [propext]"),  # asked about `my.t`
+    "two reports": _info("'t' depends on axioms: [propext]", "'t' depends on axioms: [propext]"),
+    "clean report plus a sorryAx one": _info("'t' depends on axioms: [propext]", "'u' depends on axioms: [sorryAx]"),
+    "no report": _info(),
+    "no messages key": {"env": 7},
+    "report as a warning then text": _info("'t' depends on axioms: [propext] and 't' too"),
+    "name twice in one report": _info("'t' depends on axioms: [propext] 't' depends on axioms: []"),
+    "sorryAx outside the messages": {**_info("'t' depends on axioms: [propext]"), "extra": "sorryAx"},
+    "messages a string": {"messages": "'t' does not depend on any axioms", "env": 7},
+    "message without severity": {"messages": [{"pos": {"line": 1, "column": 0},
+                                               "data": "'t' does not depend on any axioms"}], "env": 7},
+    "not a dict": ["'t' does not depend on any axioms"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUDIT_ATTACKS))
+def test_axiom_audit_attacks_are_never_accepted(name):
+    asked = "my.t" if name == "a suffix of the name" else "t"
+    verdict = audit_verdict(asked, AUDIT_ATTACKS[name])
+    assert verdict is not None and verdict.status in ("invalid", "sorry"), verdict
 
 
 # --- Kimina Lean Server results ---

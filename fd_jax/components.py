@@ -154,9 +154,12 @@ def build_verifier(cfg: config_dict.ConfigDict):
         raise ConfigError(f"config.lean.backend = {lean.backend!r}: a training run builds 'local' or 'kimina' "
                           f"(LeanDojo needs a traced repository; use fd_jax.lean.LeanDojoVerifier directly)")
     command = [os.path.expanduser(part) for part in shlex.split(lean.repl_command)]
-    return get_verifier("local", repl_command=command, workers=lean.workers or None,
-                        memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
-                        cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+    try:
+        return get_verifier("local", repl_command=command, workers=lean.workers or None,
+                            memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
+                            cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+    except FileNotFoundError as e:  # no Lean here, or no Mathlib project: a set-up step, not a bug
+        raise ConfigError(f"config.lean.repl_command = {lean.repl_command!r}, lean.cwd = {lean.cwd!r}: {e}") from None
 
 
 def build_feedback(cfg: config_dict.ConfigDict, workdir: pathlib.Path):

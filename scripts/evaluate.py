@@ -1,14 +1,17 @@
-"""Evaluate a model: pass@k, policy entropy and proof diversity, written as a JSON report and a PNG plot.
+r"""Evaluate a model: pass@k, policy entropy and proof diversity, written as a JSON report and a PNG plot.
 
     # miniF2F test with a local Lean pool (paths printed by scripts/setup_lean.sh)
-    python scripts/evaluate.py --model DIR --n 32 --k 1,8,32 --max_new_tokens 2048 --out runs/eval \
-        --repl_command "lake env /opt/repl/.lake/build/bin/repl" --lean_cwd /opt/mathlib4 --workers 15
+    python scripts/evaluate.py --model DIR --task lean --problems minif2f.jsonl --n 32 --k 1,8,32 \
+        --out runs/eval --repl_command "lake env /opt/repl/.lake/build/bin/repl" --lean_cwd /opt/mathlib4
     # the arithmetic test bed, on any CPU
     python scripts/evaluate.py --model DIR --task arithmetic --n 8 --k 1,2,4,8 --out runs/eval
     # overlay earlier reports on this run's plot
     python scripts/evaluate.py ... --name FD --compare GRPO=runs/grpo/report.json,FD-GRPO=runs/fdg/report.json
 
 `--out` receives report.json, pass_at_k.png and samples.jsonl (every completion with its verdict).
+Defaults follow the task: --max_new_tokens is 2048 for lean and 16 for arithmetic; with --checkpoint the
+task and the budget are the run's own (its config.json). A mistake in the arguments is reported in one
+line (exit status 2); --debug shows its traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +27,22 @@ from typing import Any
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from a checkout, without installing
 
+from fd_jax import cli  # noqa: E402
+from fd_jax.cli import UsageError  # noqa: E402
+
 LOG = logging.getLogger("evaluate")
-DEFAULT_PROBLEMS = REPO_ROOT.parent / "shared" / "data" / "minif2f.jsonl"
+PROG = pathlib.Path(__file__).name
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a help line only where the line does not say its default already and
+    there is a value to show."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default is False or action.default in ("", {}, argparse.SUPPRESS)
+        if "default" in (action.help or "") or empty:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fd_jax.tasks import TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     source = parser.add_argument_group("model (one of)")
     source.add_argument("--model", help="a Hugging Face model directory (config.json, safetensors, tokenizer)")
     source.add_argument("--checkpoint", help="a trainer workdir: evaluates its latest (or --step) checkpoint")
@@ -54,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
 
     data = parser.add_argument_group("problems")
-    data.add_argument("--task", default="lean", choices=sorted(TASKS))
-    data.add_argument("--problems", default=str(DEFAULT_PROBLEMS), help="problem file (task lean)")
+    data.add_argument("--task", default=None, choices=sorted(TASKS),
+                      help="required with --model; with --checkpoint the run's task is the default")
+    data.add_argument("--problems", default=None, help="problem file, required for task lean (e.g. miniF2F JSONL)")
     data.add_argument("--problem_format", default="minif2f", help="loader: minif2f | lean_workbook")
     data.add_argument("--split", default="test", help="split to keep ('' keeps every row)")
     data.add_argument("--num_problems", type=int, default=0, help="first N problems only (0 = all); "
@@ -73,19 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--n", type=int, default=32, help="samples per problem")
     sampling.add_argument("--k", type=_int_list, default=[1, 8, 32], help="k values of pass@k (each <= n)")
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top_p", type=float, default=1.0)
-    sampling.add_argument("--top_k", type=int, default=0)
-    sampling.add_argument("--max_new_tokens", type=int, default=2048)
+    sampling.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    sampling.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    sampling.add_argument("--top_k", type=int, default=0, help="top-k sampling (0 = off)")
+    sampling.add_argument("--max_new_tokens", type=int, default=None,
+                          help="completion budget (default: 2048 for lean, 16 for arithmetic; a checkpoint's "
+                               "own eval.max_new_tokens)")
     sampling.add_argument("--stop", default="", help="comma-separated stop strings (besides the EOS token)")
-    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--seed", type=int, default=0, help="sampler seed")
     sampling.add_argument("--batch_problems", type=int, default=8, help="problems per generate call (0 = all)")
     sampling.add_argument("--no_entropy", action="store_true", help="skip the teacher-forced entropy pass")
     sampling.add_argument("--entropy_batch_rows", type=int, default=8,
                           help="completions per entropy forward pass (lower it if that pass runs out of memory)")
 
     lean = parser.add_argument_group("Lean verifier (task lean)")
-    lean.add_argument("--lean_backend", default="local", choices=["local", "kimina"])
+    lean.add_argument("--lean_backend", default="local", choices=["local", "kimina"], help="the verifier")
     lean.add_argument("--repl_command", default="lake env repl", help="command that starts one Lean REPL")
     lean.add_argument("--lean_cwd", default=None, help="the Mathlib project the REPL runs in")
     lean.add_argument("--workers", type=int, default=None, help="REPL processes (default: cores - 1)")
@@ -100,7 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="other runs to overlay: NAME=path/to/report.json,...")
     output.add_argument("--progress", default=None, action=argparse.BooleanOptionalAction,
                         help="progress bar (default: only on a terminal)")
+    output.add_argument(cli.DEBUG_FLAG, action="store_true", help="show the Python traceback of a user's error")
     return parser
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the task-dependent defaults (--task, --max_new_tokens) and checks the sources exist, before
+    anything is loaded. Raises UsageError / WorkdirError naming the argument."""
+    from fd_jax.tasks import get_task
+
+    if bool(args.model) == bool(args.checkpoint):
+        raise UsageError("give exactly one of --model DIR or --checkpoint WORKDIR")
+    run = None
+    if args.checkpoint:
+        from fd_jax.train.workdir import read_config
+
+        run = read_config(args.checkpoint)
+    elif not (pathlib.Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model {args.model}: not a Hugging Face model directory (no config.json there)")
+    if args.task is None:
+        if run is None:
+            raise UsageError("--task is required with --model: lean or arithmetic")
+        args.task = run.data.task
+    if args.max_new_tokens is None:
+        same_task = run is not None and run.data.task == args.task
+        args.max_new_tokens = run.eval.max_new_tokens if same_task else get_task(args.task).default_max_new_tokens
+    if get_task(args.task).reads_problem_file and not args.problems:
+        raise UsageError(f"--problems FILE is required with --task {args.task} (e.g. a miniF2F JSONL)")
+    return args
 
 
 def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -162,10 +209,10 @@ def task_config(args: argparse.Namespace):
     return cfg
 
 
-def _as_flag(error: Exception) -> SystemExit:
+def _as_flag(error: Exception) -> UsageError:
     """A task's ConfigError (`config.data.path = ...: why`) as the flag's error (`--problems = ...: why`)."""
     text = re.sub(r"config\.([\w.]+)", lambda m: FLAG_OF.get(m.group(1), m.group(0)), str(error))
-    return SystemExit(text)
+    return UsageError(text)
 
 
 def load_task(args: argparse.Namespace, tokenizer: Any):
@@ -175,7 +222,7 @@ def load_task(args: argparse.Namespace, tokenizer: Any):
 
     cfg = task_config(args)
     if args.system and not cfg.data.prompt_format.endswith("_chat"):
-        raise SystemExit(f"--system: --prompt_format {cfg.data.prompt_format} has no system turn; use a _chat format")
+        raise UsageError(f"--system: --prompt_format {cfg.data.prompt_format} has no system turn; use a _chat format")
     task = get_task(args.task)
     try:
         task.check(cfg)
@@ -188,17 +235,20 @@ def load_task(args: argparse.Namespace, tokenizer: Any):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    return cli.run_reporting_user_errors(lambda: _main(args), PROG, debug=args.debug)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    resolve_defaults(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     for name in ("fd_jax", LOG.name):  # our progress lines, without every library's INFO chatter
         logging.getLogger(name).setLevel(logging.INFO)
-    if bool(args.model) == bool(args.checkpoint):
-        raise SystemExit("give exactly one of --model DIR or --checkpoint WORKDIR")
     if args.n < max(args.k):
-        raise SystemExit(f"--k {max(args.k)} is larger than --n {args.n}: pass@k needs n >= k samples")
+        raise UsageError(f"--k {max(args.k)} is larger than --n {args.n}: pass@k needs n >= k samples")
     compare = {}
     for label, path in args.compare.items():
         if not pathlib.Path(path).is_file():
-            raise SystemExit(f"--compare {label}={path}: no such report file")
+            raise UsageError(f"--compare {label}={path}: no such report file")
         compare[label] = json.loads(pathlib.Path(path).read_text())
 
     from fd_jax.eval import evaluation

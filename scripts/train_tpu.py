@@ -1,4 +1,4 @@
-"""Train a Lean prover (or the arithmetic test bed) with FD, GRPO or FD→GRPO.
+r"""Train a Lean prover (or the arithmetic test bed) with FD, GRPO or FD→GRPO.
 
     python scripts/train_tpu.py --config configs/smoke_cpu.py --workdir runs/smoke
     python scripts/train_tpu.py --config configs/kimina_rl_1p7b_tpu.py --workdir runs/kimina \
@@ -6,7 +6,8 @@
 
 `--config` defaults to configs/smoke_cpu.py; any field can be overridden with `--config.FIELD=VALUE`.
 Running again on a workdir that has checkpoints resumes after the latest one. SIGTERM / SIGINT save a
-checkpoint at the end of the current step and exit 0. See docs/usage.md.
+checkpoint at the end of the current step and exit 0. A mistake in the command, the config, the data
+or the workdir is reported in one line (exit status 2); --debug shows its traceback. See docs/usage.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fd_jax import cli  # noqa: E402
+
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "smoke_cpu.py"
+PROG = pathlib.Path(__file__).name
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 
 
 def _config_path(argv: list[str]) -> str:
@@ -65,11 +70,15 @@ def _fail_clearly(action):
     the reason in terms of the command line instead of config_flags' traceback."""
     try:
         return action()
-    except Exception:
-        reason = _explain(sys.argv[1:])
-        if reason is None:
+    except Exception as e:
+        if cli.wants_debug():
             raise
-        sys.exit(f"config error: {reason}")
+        reason = _explain(sys.argv[1:])
+        if reason is not None:
+            cli.fail(PROG, "config error", reason)
+        if isinstance(e, flags.Error):  # a value that does not parse: absl names the flag and the value
+            cli.fail(PROG, "config error", str(e).removeprefix("flag "))
+        raise
 
 
 # config_flags applies the overrides to the default config at definition time, and again to a --config
@@ -77,8 +86,9 @@ def _fail_clearly(action):
 _CONFIG = _fail_clearly(lambda: config_flags.DEFINE_config_file(
     "config", default=str(DEFAULT_CONFIG), help_string="an ml_collections config file (configs/*.py)",
     lock_config=True))
-_WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory (created; resumed when it has checkpoints)")
-flags.mark_flag_as_required("workdir")
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's directory, required (created; resumed when it has "
+                               "checkpoints)")
+flags.DEFINE_bool("debug", False, "show the Python traceback of a user's error too")
 
 
 def main(argv: list[str]) -> int:
@@ -86,22 +96,24 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]} (fields are set with --config.FIELD=VALUE)")
     logging.getLogger().setLevel(logging.WARNING)  # orbax and jax log every save at INFO
     logging.getLogger("fd_jax").setLevel(logging.INFO)
-    from fd_jax.config.validation import ConfigError
     from fd_jax.train.loop import train
 
-    try:
-        result = train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    result = cli.run_reporting_user_errors(lambda: train(_CONFIG.value, _WORKDIR.value), PROG,
+                                           debug=flags.FLAGS.debug)
     print(f"{result['status']} at step {result['step']}: {result['workdir']}")
     return 0
 
 
 def _parse(argv: list[str]) -> list[str]:
+    if any(arg in HELP_FLAGS for arg in argv[1:]):  # absl's own --help exits 1
+        app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
     path = _config_path(argv[1:]).split(":", 1)[0]
     if not pathlib.Path(path).is_file():  # config_flags would only fail at the first field access
-        sys.exit(f"config error: --config {path}: no such config file (see configs/*.py)")
-    return _fail_clearly(lambda: flags.FLAGS(argv))
+        cli.fail(PROG, "config error", f"--config {path}: no such config file (see configs/*.py)")
+    rest = _fail_clearly(lambda: flags.FLAGS(argv))
+    if not _WORKDIR.value:
+        cli.fail(PROG, "error", "--workdir DIR is required: the run's directory, e.g. --workdir runs/smoke")
+    return rest
 
 
 if __name__ == "__main__":

@@ -248,6 +248,26 @@ def load_hf(
     return nnx.merge(graphdef, state), cfg
 
 
+SPECIAL_TOKENS = ("bos", "eos", "pad")
+
+
+def _set_special_tokens(hf_config, tokenizer) -> None:
+    """The tokenizer's bos / eos / pad ids into the exported config (and so generation_config.json), so
+    that `generate` stops at the tokenizer's end token. A model config's own ids are kept; an eos id the
+    tokenizer adds is appended to them (chat models stop at either)."""
+    for name in SPECIAL_TOKENS:
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        current = getattr(hf_config, f"{name}_token_id", None)
+        if token_id is None:
+            continue
+        if current is None:
+            setattr(hf_config, f"{name}_token_id", token_id)
+        elif name == "eos":
+            ids = list(current) if isinstance(current, (list, tuple)) else [current]
+            if token_id not in ids:
+                setattr(hf_config, "eos_token_id", [*ids, token_id])
+
+
 def save_hf(
     model: Transformer,
     config: ModelConfig,
@@ -303,10 +323,17 @@ def save_hf(
     hf_config = config.to_hf()
     stored = out_dtype or jnp.dtype(_get_path(values, entries[0].path).dtype)
     hf_config.dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[stored.name]
+    if tokenizer is not None:
+        _set_special_tokens(hf_config, tokenizer)
     hf_config.save_pretrained(directory)
     import transformers
 
     transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(directory)
+    # safetensors writes its files 0600 (a private temporary renamed into place): give them the mode of
+    # the directory's other files (0666 less the umask; reading the umask would race other threads).
+    mode = (directory / "config.json").stat().st_mode & 0o777
+    for name in set(weight_map.values()):
+        (directory / name).chmod(mode)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -282,6 +282,7 @@ class ArithmeticTask(Task):
     name = "arithmetic"
     prompt_formats = ("arithmetic", "arithmetic_chat")
     default_num_problems = 32  # problems generated when no count is given
+    default_max_new_tokens = 16  # an answer is a number and a stop token
 
     def check(self, cfg: config_dict.ConfigDict) -> None:
         super().check(cfg)

@@ -35,6 +35,8 @@ class Task:
     count_lemmas: ClassVar[bool] = False  # diversity hook: evaluation counts the Mathlib lemmas of valid proofs
     default_feedback: ClassVar[str] = "lean_errors"  # the feedback provider that needs nothing but the verifier
     default_num_problems: ClassVar[int] = 0  # scripts/evaluate.py's --num_problems 0: 0 = every problem of the source
+    default_max_new_tokens: ClassVar[int] = 2048  # scripts/evaluate.py's completion budget for --model
+    reads_problem_file: ClassVar[bool] = False  # whether the problems come from data.path (--problems)
     max_turns: ClassVar[int] = 1  # turns per episode (see the module docstring)
     tools: ClassVar[Mapping[str, Callable[[str], str]]] = {}  # tools the policy may call within an episode
 

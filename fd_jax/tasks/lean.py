@@ -20,6 +20,7 @@ class LeanTask(Task):
     name = "lean"
     prompt_formats = ("lean_completion", "lean_chat")
     count_lemmas = True
+    reads_problem_file = True
 
     def check(self, cfg: config_dict.ConfigDict) -> None:
         d = cfg.data
@@ -57,9 +58,12 @@ class LeanTask(Task):
             raise fail("lean.backend", lean.backend, "a training run builds 'local' or 'kimina' (LeanDojo needs a "
                        "traced repository; use fd_jax.lean.LeanDojoVerifier directly)")
         command = [os.path.expanduser(part) for part in shlex.split(lean.repl_command)]
-        return get_verifier("local", repl_command=command, workers=lean.workers or None,
-                            memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
-                            cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+        try:
+            return get_verifier("local", repl_command=command, workers=lean.workers or None,
+                                memory_limit_mb=lean.memory_limit_mb or None, max_uses=lean.max_uses,
+                                cwd=os.path.expanduser(lean.cwd) if lean.cwd else None, **common)
+        except FileNotFoundError as e:  # no Lean here, or no Mathlib project: a set-up step, not a bug
+            raise fail("lean.repl_command", lean.repl_command, f"(lean.cwd = {lean.cwd!r}) {e}") from None
 
     def source(self, cfg: config_dict.ConfigDict) -> str:
         return cfg.data.path

@@ -41,8 +41,9 @@ from ml_collections import config_dict
 
 from fd_jax.train import components, multihost, step_metrics
 from fd_jax import sharding as sharding_lib
+from fd_jax.train import workdir as workdir_lib
 from fd_jax.train.checkpoint import Checkpointer
-from fd_jax.config.validation import ConfigError, Stage, config_from_json, stages, validate
+from fd_jax.config.validation import ConfigError, Stage, stages, validate
 from fd_jax.data import ShuffledIterator
 from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
@@ -179,25 +180,32 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small programs add up too
     workdir = pathlib.Path(workdir).expanduser().absolute()
     plan = stages(cfg)
+    # Nothing is written into the workdir before every check has passed: its compatibility with the
+    # checkpoints there, the data, the verifier's set-up, the model.
+    workdir_lib.check_resumable(cfg, workdir)
     first_stage, resume_step = resume_point(plan, workdir)
     fresh = first_stage == 0 and resume_step is None
     writer = multihost.is_writer()
-    if writer:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
     mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     _check_batch_layout(cfg, mesh)
+    problems = components.build_problems(cfg)
+    eval_problems = components.build_problems(cfg, held_out=True) if _evaluates(cfg) else []
+    # Built (and so checked: a missing Lean is refused here) before the model loads; on a later failure
+    # the pool's finalizer stops its workers.
+    verifier = components.build_verifier(cfg)
+    feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
 
     policy = components.build_policy(cfg, mesh=mesh, weights=fresh)
     graphdef, params = nnx.split(policy.model)
     param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     del params
-    problems = components.build_problems(cfg)
-    eval_problems = components.build_problems(cfg, held_out=True) if _evaluates(cfg) else []
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
     from fd_jax.rollout.sampling import generate
 
     generate_fn = multihost.global_generate(functools.partial(generate, mesh=mesh, pad_id=pad_id))
+    if writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2) + "\n")
     resumed_at = None if fresh else (resume_step if resume_step is not None else plan[first_stage].first - 1)
     if writer and resumed_at is not None:
         truncate_jsonl(workdir / ROLLOUTS_FILE, resumed_at)
@@ -208,9 +216,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
                      plot_every_steps=cfg.log.plot_every_steps, tensorboard=cfg.log.tensorboard,
                      wandb=dict(project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, name=cfg.log.wandb_name),
                      config=cfg.to_dict())
-    feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
     status, step = "complete", resumed_at or 0
-    with components.build_verifier(cfg) as verifier, StopSignal() as stop:
+    with verifier, StopSignal() as stop:
         run = _Run(cfg, workdir, mesh, graphdef, policy, components.build_format(cfg, policy.tokenizer), verifier,
                    feedback, ShuffledIterator(problems, seed=cfg.data.shuffle_seed), eval_problems, run_log, stop,
                    generate_fn, param_shapes)
@@ -434,7 +441,7 @@ def restore_policy(workdir: str | pathlib.Path, step: int | None = None, dtype: 
     """(model, tokenizer) of a training workdir's checkpoint: `step` (default: the latest of the last stage
     that has one), on the default device. dtype: the compute dtype (default: the run's)."""
     workdir = pathlib.Path(workdir)
-    cfg = config_from_json((workdir / CONFIG_FILE).read_text())
+    cfg = workdir_lib.read_config(workdir)  # WorkdirError when it is not a training workdir
     if dtype is not None:
         cfg.model.dtype = jnp.dtype(dtype).name
     plan = stages(cfg)
@@ -447,7 +454,10 @@ def restore_policy(workdir: str | pathlib.Path, step: int | None = None, dtype: 
         if step is None or (stage.first - 1 <= step <= latest and (directory / str(step)).exists()):
             chosen = (stage, latest if step is None else step)
     if chosen is None:
-        raise FileNotFoundError(f"{workdir}: no checkpoint" + (f" of step {step}" if step is not None else ""))
+        steps = sorted({int(p.name) for stage in plan if _checkpoint_dir(workdir, stage).is_dir()
+                        for p in _checkpoint_dir(workdir, stage).iterdir() if p.name.isdigit()})
+        raise workdir_lib.WorkdirError(f"{workdir}: no checkpoint" + (f" of step {step}" if step is not None else "")
+                                       + (f" (it has steps {steps})" if steps else ""))
     stage, chosen_step = chosen
     policy = components.build_policy(cfg, mesh=None, weights=False)
     graphdef, params = nnx.split(policy.model)

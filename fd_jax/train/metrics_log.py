@@ -207,9 +207,10 @@ class RunLog:
         if step % self.plot_every_steps == 0:
             self.plot()
         if self._bar is not None:
-            self._bar.update(1)
+            # The postfix first: update() draws the bar, and would show the previous step's values.
             self._bar.set_postfix(stage=record.get("stage"), loss=f"{record.get('loss') or 0:.4f}",
                                   reward=f"{record.get('reward_mean') or 0:.3f}", refresh=False)
+            self._bar.update(1)
         elif step % self.every_steps == 0:
             log.info("step %d [%s] loss %.4f reward %.3f pass %.3f entropy %.3f kl %.4f | %.2f s, %.0f tok/s",
                      step, record.get("stage"), *(record.get(k) or 0.0 for k in (

@@ -10,6 +10,8 @@ import itertools
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,12 +165,14 @@ def _load_script():
     return module
 
 
-def test_evaluate_script_end_to_end_on_arithmetic(tmp_path):
+def test_evaluate_script_end_to_end_on_arithmetic(tmp_path, capsys):
     model_dir = save_hf(init_model(TINY, seed=0), TINY, tmp_path / "tiny", tokenizer=TOKENIZER)
     script = _load_script()
-    with pytest.raises(SystemExit, match="--k 8 is larger than --n 4"):
+    with pytest.raises(SystemExit) as exit_:
         script.main(["--model", str(model_dir), "--task", "arithmetic", "--n", "4", "--k", "1,8",
                      "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "evaluate.py: error: --k 8 is larger than --n 4: pass@k needs n >= k samples\n"
     out = tmp_path / "eval"
     report = script.main(["--model", str(model_dir), "--task", "arithmetic", "--num_problems", "4", "--n", "4",
                           "--k", "1,2,4", "--max_new_tokens", "6", "--batch_problems", "2", "--out", str(out)])
@@ -190,3 +194,40 @@ def test_evaluate_script_end_to_end_on_arithmetic(tmp_path):
     assert saved["entropy_tokens"] == sum(s["num_tokens"] for s in samples)
     assert math.log(TINY.vocab_size) - 0.05 < saved["entropy"] <= math.log(TINY.vocab_size) + 1e-5
     assert report["pass_at_k"] == saved["pass_at_k"] and "distinct_lemmas" not in saved["diversity"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/nowhere", "--task", "arithmetic"],
+     "--model {tmp}/nowhere: not a Hugging Face model directory (no config.json there)"),
+    (["--checkpoint", "{tmp}/nowhere"], "{tmp}/nowhere: no such directory"),
+    (["--checkpoint", "{tmp}"], "{tmp}: not a training workdir (it has no config.json)"),
+    (["--model", "{tmp}/tiny"], "--task is required with --model"),
+    (["--model", "{tmp}/tiny", "--task", "lean"], "--problems FILE is required with --task lean"),
+], ids=["missing-model", "missing-workdir", "not-a-workdir", "no-task", "lean-without-problems"])
+def test_evaluate_script_refuses_in_one_line_before_loading_anything(args, message, tmp_path):
+    """As a user runs it: exit status 2, one line naming the argument, no traceback, nothing written."""
+    save_hf(init_model(TINY, seed=0), TINY, tmp_path / "tiny", tokenizer=TOKENIZER)
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and message.format(tmp=tmp_path) in done.stderr
+    assert not (tmp_path / "out").exists()
+    if args[0] == "--checkpoint":  # --debug keeps the traceback (once is enough: each run imports JAX)
+        debug = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), *argv, "--debug"],
+                               capture_output=True, text=True, timeout=120)
+        assert debug.returncode != 0 and "Traceback" in debug.stderr and "WorkdirError" in debug.stderr
+
+
+def test_evaluate_defaults_follow_the_task(tmp_path):
+    script = _load_script()
+    parse = lambda *a: script.resolve_defaults(script.build_parser().parse_args([*a, "--out", "x"]))  # noqa: E731
+    (tmp_path / "config.json").write_text("{}")  # resolve_defaults only checks that it is there
+    assert parse("--model", str(tmp_path), "--task", "arithmetic").max_new_tokens == 16  # a number and <eos>
+    lean = parse("--model", str(tmp_path), "--task", "lean", "--problems", "p.jsonl")
+    assert lean.max_new_tokens == 2048 and lean.problems == "p.jsonl"
+    assert parse("--model", str(tmp_path), "--task", "arithmetic", "--max_new_tokens", "5").max_new_tokens == 5
+    assert script.build_parser().get_default("problems") is None  # no path into a checkout's neighbours
+    help_text = script.build_parser().format_help()
+    for option in help_text.split("\n  --")[1:]:
+        assert option.count("default") <= 1, option

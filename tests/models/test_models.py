@@ -205,3 +205,25 @@ def test_blockwise_attention_equals_plain_attention_with_gradients():
     g_blocks = jax.grad(lambda *a: loss(blocks, *a), argnums=(0, 1, 2))(q, k, v)
     for x, y in zip(g_blocks, g_plain):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_export_carries_the_tokenizers_special_tokens_and_a_readable_mode(tmp_path):
+    """generate stops only at the eos id the exported config names (null ran to the token limit), and the
+    weights are as readable as the directory's other files (safetensors alone writes them 0600)."""
+    from fd_jax.data.char_tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    cfg = ModelConfig.from_hf(dict(FAMILIES["qwen3_qknorm_headdim"].to_dict(), vocab_size=len(tokenizer)))
+    out = save_hf(init_model(cfg, seed=0), cfg, tmp_path / "out", tokenizer=tokenizer)
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    for name in ("bos", "eos", "pad"):
+        want = getattr(tokenizer, f"{name}_token_id")
+        assert config[f"{name}_token_id"] == generation[f"{name}_token_id"] == want, name
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+    # A model config that names its own eos keeps it, and gains the tokenizer's (chat models stop at either).
+    own = ModelConfig.from_hf(dict(cfg.hf_config, eos_token_id=7))
+    again = save_hf(init_model(own, seed=0), own, tmp_path / "own", tokenizer=tokenizer)
+    assert json.loads((again / "generation_config.json").read_text())["eos_token_id"] == [7, tokenizer.eos_token_id]

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]} (fields are set with --config.FIELD=VALUE)")
     logging.getLogger().setLevel(logging.WARNING)  # orbax and jax log every save at INFO
     logging.getLogger("fd_jax").setLevel(logging.INFO)
-    from fd_jax.config.validation import ConfigError
+    from fd_jax.config.errors import ConfigError
     from fd_jax.train.loop import train
 
     try:

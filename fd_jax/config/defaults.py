@@ -1,7 +1,7 @@
 """Every knob of a training run, with its default and what it does: the one base that `configs/*.py` start
 from (`config = base_config()`, then override). `fd_jax.config.validation.validate` checks the values; the
-sub-configs `step`, `optim` and the rollout fields become the dataclasses of `fd_jax.rl.step`,
-`fd_jax.rl.optim` and `fd_jax.rollout.rollout`, whose own checks name the field.
+sections `step`, `optim` and `rollout` are derived from the dataclasses of `fd_jax.config.schema` (the
+settings the library takes), whose own checks name the field.
 
 Override anything on the command line: `--config.rollout.num_generations=8 --config.step.alpha=0.5`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
-from fd_jax.data.reprompt import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
+from fd_jax.config.schema import OptimConfig, RolloutConfig, StepConfig, config_section
 
 placeholder = config_dict.placeholder  # a None default that still only accepts its type on override
 
@@ -62,72 +62,18 @@ def data_config() -> config_dict.ConfigDict:
 
 
 def rollout_config() -> config_dict.ConfigDict:
-    r = config_dict.ConfigDict()
-    r.num_generations = 4  # G samples per problem (the GRPO group)
-    r.max_new_tokens = 256  # completion budget per sample
-    r.temperature = 1.0  # sampling temperature (old log-probs are always those of the temperature-1 policy)
-    r.top_p = 1.0  # nucleus sampling (1 = off)
-    r.top_k = 0  # top-k sampling (0 = off)
-    r.chunk_problems = 0  # problems per generate call; >0 overlaps Lean checking with generation (0 = all)
-    r.pad_multiple = 32  # padded prompt/completion lengths are multiples of this (fewer recompilations)
-    r.use_successful_as_teacher = False  # show the teacher a solved sibling as a demonstration
-    r.dont_reprompt_on_self_success = True  # a rollout's own success is never its demonstration
-    r.max_reprompt_len = placeholder(int)  # cap on teacher prompt tokens, feedback truncated to fit (None = none)
-    r.scale_rewards = "group"  # GRPO advantage scaling: group | batch | none
-    r.log_rollouts = True  # append every rollout to DIR/rollouts.jsonl
-    r.asynchronous = False  # generate step t+1's batch while step t trains (one step off-policy, IS-corrected)
-    r.reprompt_template = REPROMPT_TEMPLATE  # teacher context: fields {solution} and {feedback}
-    r.feedback_template = FEEDBACK_TEMPLATE  # the feedback block: field {feedback}
-    r.solution_template = SOLUTION_TEMPLATE  # the demonstration block: field {solution}
-    return r
+    """fd_jax.config.schema.RolloutConfig (every field, its default and comment are there)."""
+    return config_section(RolloutConfig)
 
 
 def step_config() -> config_dict.ConfigDict:
-    """fd_jax.rl.step.StepConfig; distill_weight is set by `algorithm` (fd 1, grpo 0) unless overridden."""
-    s = config_dict.ConfigDict()
-    s.distill_weight = placeholder(float)  # w in (1-w)·L_GRPO + w·L_FD; None = from algorithm (fd 1, grpo 0)
-    s.teacher = "ema"  # ema | live | base (GRPO stages always use live: no teacher pass, no teacher copy)
-    s.ema_tau = 0.05  # EMA rate of the teacher: φ ← (1-τ)φ + τθ after every optimizer step
-    s.fuse_live_passes = True  # live teacher: one forward pass over student + teacher rows
-    s.alpha = 1.0  # divergence: 0 forward KL, 1 reverse KL, between: generalized JSD
-    s.distill_mode = "full"  # support: full | topk | sampled_token
-    s.top_k = 20  # support size of distill_mode=topk
-    s.add_tail = True  # topk: add the tail bucket log(1-Σp) instead of renormalising
-    s.is_clip = 2.0  # FD importance weights min(exp(logp - old_logp), is_clip)
-    s.loss_agg = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
-    s.loss_agg_constant = placeholder(float)  # the normaliser of loss_agg=constant (None: rows x C)
-    s.loss_type = "dapo"  # GRPO family: grpo | dr_grpo | dapo | bnpo
-    s.eps_low = 0.2  # GRPO ratio clip below 1
-    s.eps_high = 0.2  # GRPO ratio clip above 1 (DAPO's clip-higher: e.g. 0.28)
-    s.importance_sampling_level = "token"  # token | sequence (GSPO)
-    s.max_completion_length = placeholder(int)  # dr_grpo's constant normaliser (None: C of the batch)
-    s.beta = 0.0  # weight of the k3 KL to the reference policy in GRPO (0 = no reference pass)
-    s.micro_batches = 1  # gradient accumulation over this many row slices of the batch
-    s.token_chunk = placeholder(int)  # tokens per block of the fused divergence kernel (None = tuned default)
-    s.vocab_tile = placeholder(int)  # vocabulary tile of the fused divergence kernel (None = tuned default)
-    s.kernel_backend = "auto"  # auto | xla | pallas
-    # one: the gradient is formed inside the kernel's statistics pass (4 instead of 6 [N,D]x[D,V] matmuls,
-    # memory loss_chunk x V + an f32 [D, V] accumulator); two: the backward recomputes the logits (memory
-    # token_chunk x vocab_tile); auto: one, except for GSPO (sequence ratios) and the Pallas engine.
-    s.kernel_passes = "auto"  # auto | one | two
-    s.loss_chunk = placeholder(int)  # tokens per chunk of the one-pass kernel (None = tuned default)
-    return s
+    """fd_jax.config.schema.StepConfig; distill_weight is set by `algorithm` (fd 1, grpo 0) unless overridden."""
+    return config_section(StepConfig)
 
 
 def optim_config() -> config_dict.ConfigDict:
-    """fd_jax.rl.optim.OptimConfig."""
-    o = config_dict.ConfigDict()
-    o.learning_rate = 1e-6  # peak learning rate
-    o.schedule = "constant"  # after warm-up: constant | cosine
-    o.warmup_steps = 0  # linear warm-up over this many optimizer steps
-    o.total_steps = 0  # cosine length in optimizer steps; 0 = the stage's steps x num_iterations
-    o.end_lr_ratio = 0.0  # cosine: final learning rate as a fraction of the peak
-    o.weight_decay = 0.0  # AdamW decoupled decay (never on norms and biases)
-    o.b1 = 0.9  # Adam β1
-    o.b2 = 0.999  # Adam β2
-    o.eps = 1e-8  # Adam ε
-    o.max_grad_norm = 1.0  # global-norm clipping (0 = off)
-    return o
+    """fd_jax.config.schema.OptimConfig; total_steps 0 = the stage's steps x num_iterations."""
+    return config_section(OptimConfig)
 
 
 def lean_config() -> config_dict.ConfigDict:

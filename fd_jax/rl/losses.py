@@ -10,7 +10,6 @@
 * `fd_loss(divergence_BT, logp_BT, old_logp_BT, mask_BT, ...)`: the per-token divergence (from
   `fd_jax.kernels.token_kl.fused_token_stats`) times the stop-gradient importance weight
   min(exp(logp - old_logp), is_clip), aggregated by `loss_agg` (token_mean | seq_mean | constant).
-* `fd_grpo_loss(...)`: (1 - w) L_GRPO + w L_FD with the metrics of both.
 * Per-token pieces for a loss folded into the kernel (`fd_jax.kernels.token_loss`, the train step's one-pass
   path): `clipped_surrogate`, `k3_kl`, `fd_importance_weight`, and `policy_aggregation_weights` /
   `fd_aggregation_weights`, the per-token weights that reproduce each (linear) aggregation.
@@ -21,11 +20,12 @@ Variants are looked up by name in registries; an unknown name raises a ValueErro
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from fd_jax.config import schema
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -110,6 +110,7 @@ def _agg_dapo(loss_BT, mask_BT, *, max_completion_length, num_items):
 
 _POLICY_AGGREGATIONS = {"grpo": _agg_grpo, "bnpo": _agg_bnpo, "dr_grpo": _agg_dr_grpo, "dapo": _agg_dapo}
 LOSS_TYPES = tuple(sorted(_POLICY_AGGREGATIONS))
+assert LOSS_TYPES == schema.LOSS_TYPES, "fd_jax.config.schema.LOSS_TYPES names these aggregations"
 
 
 def clipped_surrogate(log_ratio: Array, advantages: Array, *, eps_low: float, eps_high: float,
@@ -224,6 +225,7 @@ def _fd_constant(x_BT, mask_BT, normaliser):
 
 _FD_AGGREGATIONS = {"token_mean": _fd_token_mean, "seq_mean": _fd_seq_mean, "constant": _fd_constant}
 LOSS_AGGS = tuple(sorted(_FD_AGGREGATIONS))
+assert LOSS_AGGS == schema.LOSS_AGGS, "fd_jax.config.schema.LOSS_AGGS names these aggregations"
 
 
 def fd_loss_and_metrics(divergence_BT: Array, logp_BT: Array | None, old_logp_BT: Array | None,
@@ -304,66 +306,3 @@ def normaliser(kind: str, mask_BT: Array, *, max_completion_length: int, constan
     if kind == "constant":
         return jnp.asarray(mask_BT.size if constant is None else constant, jnp.float32)
     raise ValueError(f"unknown loss aggregation {kind!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Static loss settings (hashable, so that a jitted step can take them as a static argument)."""
-
-    distill_weight: float = 1.0  # w in (1 - w) L_GRPO + w L_FD: 1 = FD, 0 = GRPO
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
-    eps_low: float = 0.2  # lower clip of the GRPO ratio: 1 - eps_low
-    eps_high: float = 0.2  # upper clip: 1 + eps_high (DAPO's clip-higher uses 0.28)
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    max_completion_length: int | None = None  # dr_grpo's normaliser (None: the padded length T)
-    beta: float = 0.0  # weight of the k3 KL to the reference policy
-    delta: float | None = None  # dual-clip cap of the ratio (None: off)
-    is_clip: float | None = 2.0  # cap of the FD importance weight
-    loss_agg: str = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
-    agg_normaliser: float | None = None  # the constant of loss_agg="constant" (None: B·T)
-
-    def __post_init__(self):
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"losses: distill_weight={self.distill_weight} must lie in [0, 1]")
-        _lookup(_POLICY_AGGREGATIONS, self.loss_type, "loss_type")
-        _lookup(_IS_LEVELS, self.importance_sampling_level, "importance_sampling_level")
-        _lookup(_FD_AGGREGATIONS, self.loss_agg, "loss_agg")
-
-
-def fd_grpo_loss(cfg: LossConfig, *, logp_BT: Array, old_logp_BT: Array | None, advantages_B: Array,
-                 completion_mask_BT: Array, divergence_BT: Array | None = None,
-                 distill_mask_B: Array | None = None, ref_logp_BT: Array | None = None,
-                 entropy_BT: Array | None = None,
-                 num_items: Array | float | None = None) -> tuple[Array, Metrics]:
-    """(1 - w) L_GRPO + w L_FD and the metrics of both (loss/grpo, loss/fd, entropy, ...).
-
-    All per-token arrays are [B, T] over completion positions (from `fused_token_stats` outputs reshaped);
-    distill_mask_B selects the rollouts that have a teacher (default: all). A term whose weight is 0 is not
-    computed, so GRPO alone needs no divergence. ValueError when w > 0 and divergence_BT is None.
-    """
-    w = cfg.distill_weight
-    mask_BT = jnp.asarray(completion_mask_BT, jnp.float32)
-    total = jnp.zeros((), jnp.float32)
-    metrics: Metrics = {}
-    if w < 1.0:
-        grpo, m = policy_loss_and_metrics(
-            logp_BT, old_logp_BT, advantages_B, mask_BT, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high, importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_completion_length, beta=cfg.beta, ref_logp_BT=ref_logp_BT,
-            delta=cfg.delta, num_items=num_items)
-        total = total + (1.0 - w) * grpo
-        metrics.update(m, **{"loss/grpo": jax.lax.stop_gradient(grpo)})
-    if w > 0.0:
-        if divergence_BT is None:
-            raise ValueError(f"losses: distill_weight={w} needs divergence_BT (from fused_token_stats)")
-        fd_mask_BT = mask_BT
-        if distill_mask_B is not None:
-            fd_mask_BT = mask_BT * jnp.asarray(distill_mask_B, jnp.float32)[:, None]
-        fd, m = fd_loss_and_metrics(divergence_BT, logp_BT, old_logp_BT, fd_mask_BT, is_clip=cfg.is_clip,
-                                    loss_agg=cfg.loss_agg, normaliser=cfg.agg_normaliser)
-        total = total + w * fd
-        metrics.update(m, **{"loss/fd": jax.lax.stop_gradient(fd)})
-    if entropy_BT is not None:
-        metrics["entropy"] = jax.lax.stop_gradient(_masked_mean(entropy_BT, mask_BT))
-    metrics["loss"] = jax.lax.stop_gradient(total)
-    return total, metrics

@@ -3,33 +3,10 @@ decay on norms and biases."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import optax
 
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 1e-6  # peak learning rate
-    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to end_lr_ratio * peak)
-    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
-    total_steps: int = 1000  # length of the cosine schedule (warm-up included)
-    end_lr_ratio: float = 0.0  # cosine: final learning rate as a fraction of the peak
-    weight_decay: float = 0.0  # decoupled (AdamW) decay, never applied to norms or biases
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.learning_rate < 0 or self.warmup_steps < 0:
-            raise ValueError(f"optim: learning_rate and warmup_steps must be >= 0, got {self}")
-
+from fd_jax.config.schema import SCHEDULES, OptimConfig  # noqa: F401  (re-exported)
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.schedule == "cosine":

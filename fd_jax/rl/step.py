@@ -42,62 +42,18 @@ import optax
 from flax import nnx
 
 from fd_jax.rl import losses
+from fd_jax.config.schema import KERNEL_PASSES, TEACHERS, StepConfig  # noqa: F401  (re-exported)
 from fd_jax.kernels import token_kl, token_loss
 
 # (mesh, axis names) over which the batch rows are split: the kernels then run on each device's rows
 # (`_over_tokens`). None: they see all rows at once.
 TokenAxes = tuple[jax.sharding.Mesh, tuple[str, ...]] | None
 
-TEACHERS = ("ema", "live", "base")
-KERNEL_PASSES = ("auto", "one", "two")
-
 BATCH_FIELDS = (
     "student_tokens_BS", "student_positions_BS", "teacher_tokens_BU", "teacher_positions_BU",
     "completion_tokens_BC", "completion_mask_BC", "student_index_BC", "teacher_index_BC",
     "old_logprobs_BC", "advantages_B", "distill_mask_B",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    distill_weight: float = 1.0  # w in (1 - w)·L_GRPO + w·L_FD: 1 = FD, 0 = GRPO
-    teacher: str = "ema"  # ema | live | base
-    ema_tau: float = 0.05  # EMA rate of the teacher
-    fuse_live_passes: bool = True  # live teacher: one forward over student + teacher rows
-    alpha: float = 1.0  # 0 forward KL, 1 reverse KL, between: generalized JSD
-    distill_mode: str = "full"  # full | topk | sampled_token
-    top_k: int = 20  # support size of distill_mode=topk
-    add_tail: bool = True  # topk: add the tail bucket log(1 - Σp) instead of renormalising
-    is_clip: float = 2.0  # FD importance weights min(exp(logp - old_logp), is_clip)
-    loss_agg: str = "token_mean"  # FD aggregation: token_mean | seq_mean | constant
-    loss_agg_constant: float | None = None  # the normaliser of loss_agg=constant (None: rows x C of the batch)
-    loss_type: str = "dapo"  # GRPO family: grpo | dr_grpo | dapo | bnpo
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    max_completion_length: int | None = None  # dr_grpo's constant normaliser (default: C of the batch)
-    beta: float = 0.0  # weight of the k3 KL to the reference (base) policy in GRPO
-    micro_batches: int = 1  # gradient accumulation: the batch is split into this many along rows
-    token_chunk: int | None = None  # blocks of the fused divergence kernel (None: its engine's default)
-    vocab_tile: int | None = None
-    kernel_backend: str = "auto"
-    kernel_passes: str = "auto"  # one (gradient inside the statistics pass) | two (backward recomputes) | auto
-    loss_chunk: int = token_loss.DEFAULT_LOSS_CHUNK  # tokens per chunk of the one-pass kernel
-
-    def __post_init__(self):
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"step.teacher must be one of {TEACHERS}, got {self.teacher!r}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"step.distill_weight must be in [0, 1], got {self.distill_weight}")
-        if not 0.0 < self.ema_tau <= 1.0:
-            raise ValueError(f"step.ema_tau must be in (0, 1], got {self.ema_tau}")
-        if self.micro_batches < 1:
-            raise ValueError(f"step.micro_batches must be >= 1, got {self.micro_batches}")
-        if self.kernel_passes not in KERNEL_PASSES:
-            raise ValueError(f"step.kernel_passes must be one of {KERNEL_PASSES}, got {self.kernel_passes!r}")
-        if self.kernel_passes == "one" and self.importance_sampling_level != "token":
-            raise ValueError("step.kernel_passes='one' needs importance_sampling_level='token' (GSPO's sequence "
-                             "ratio is not a sum of per-token terms); use 'two' or 'auto'")
 
 
 class TrainState(NamedTuple):

@@ -22,32 +22,13 @@ import numpy as np
 from fd_jax.rl import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
-from fd_jax.data.reprompt import RepromptTemplates, build_reprompt
+from fd_jax.config.schema import RolloutConfig
+from fd_jax.data.reprompt import build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
 
 __all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
-
-
-@dataclasses.dataclass
-class RolloutConfig:
-    """Knobs of the rollout (the trainer fills them from the ml_collections config)."""
-
-    num_generations: int = 4  # G samples per problem
-    max_new_tokens: int = 256  # completion budget per sample
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
-    chunk_problems: int = 0  # problems per generate call; 0 = all at once (no overlap with verification)
-    pad_multiple: int = 32  # S, U and C are rounded up to a multiple of this
-    request_feedback: bool = True  # ask the provider about failed rollouts (off for pure GRPO)
-    use_successful_as_teacher: bool = False  # show the teacher a solved sibling as a demonstration
-    dont_reprompt_on_self_success: bool = True  # a rollout's own success is never its demonstration
-    max_reprompt_len: int | None = None  # cap on teacher prompt tokens; the feedback is truncated to fit
-    templates: RepromptTemplates = dataclasses.field(default_factory=RepromptTemplates)
-    scale_rewards: str = "group"  # advantage scaling: group | batch | none
-    log_rollouts: bool = True  # append every rollout to {workdir}/rollouts.jsonl
 
 
 @dataclasses.dataclass

@@ -43,7 +43,9 @@ from fd_jax.train import components, multihost, step_metrics
 from fd_jax import sharding as sharding_lib
 from fd_jax.train import workdir as workdir_lib
 from fd_jax.train.checkpoint import Checkpointer
-from fd_jax.config.validation import ConfigError, Stage, stages, validate
+from fd_jax.config.errors import ConfigError
+from fd_jax.config.validation import validate
+from fd_jax.train.stages import Stage, stages
 from fd_jax.data import ShuffledIterator
 from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf

@@ -17,7 +17,9 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from fd_jax.config.validation import ConfigError, config_from_json, stages
+from fd_jax.config.errors import ConfigError
+from fd_jax.config.validation import config_from_json
+from fd_jax.train.stages import stages
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"

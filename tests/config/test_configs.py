@@ -12,7 +12,9 @@ import pathlib
 import pytest
 
 from fd_jax.config import defaults as config_defaults
-from fd_jax.config.validation import ConfigError, config_from_json, stages, validate
+from fd_jax.config.errors import ConfigError
+from fd_jax.config.validation import config_from_json, validate
+from fd_jax.train.stages import stages
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -87,7 +89,7 @@ def _smoke(**overrides):
     ({"eval__n": 2}, "config.eval.ks = (1, 2, 4): every k must be in [1, eval.n = 2]"),
     ({"algorithm": "fd_then_grpo", "fd_steps": 100}, "config.fd_steps = 100: fd_then_grpo needs 1 <= fd_steps < total_steps"),
     ({"step__distill_weight": 2.0}, "config.step.distill_weight = 2.0: must be in [0, 1]"),
-    ({"step__ema_tau": 0.0}, "config.step: step.ema_tau must be in (0, 1]"),  # the dataclass's own check
+    ({"step__ema_tau": 0.0}, "config.step.ema_tau = 0.0: must be in (0, 1]"),  # the dataclass checks it
     ({"optim__schedule": "linear"}, "config.optim.schedule = 'linear'"),
     ({"model__source": "hf", "model__path": "/nonexistent"}, "config.model.path = '/nonexistent': model.source=hf needs"),
     ({"data__task": "lean", "data__prompt_format": "lean_chat"}, "config.data.path = '': data.task=lean needs a problem file"),

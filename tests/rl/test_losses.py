@@ -173,30 +173,6 @@ def test_fd_loss_importance_weights_and_aggregation(agg):
     np.testing.assert_allclose(metrics["fd/kl_max"], div[active].max(), rtol=1e-6)
 
 
-def test_fd_grpo_mixture():
-    logp, old, adv, mask, _ = _batch()
-    div = np.abs(np.random.default_rng(5).normal(size=(B, T)))
-    distill = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    arrays = dict(logp_BT=jnp.asarray(logp), old_logp_BT=jnp.asarray(old), advantages_B=jnp.asarray(adv),
-                  completion_mask_BT=jnp.asarray(mask), divergence_BT=jnp.asarray(div),
-                  distill_mask_B=jnp.asarray(distill), entropy_BT=jnp.asarray(div))
-    cfg = losses.LossConfig(distill_weight=0.3, loss_type="dr_grpo", eps_high=0.28, is_clip=1.5)
-    total, metrics = losses.fd_grpo_loss(cfg, **arrays)
-    grpo = np_policy_loss(logp, old, adv, mask, "dr_grpo", 0.2, 0.28, "token")
-    fd_mask = mask * distill[:, None]
-    fd = (div * np.minimum(np.exp(logp - old), 1.5) * fd_mask).sum() / fd_mask.sum()
-    np.testing.assert_allclose(total, 0.7 * grpo + 0.3 * fd, rtol=1e-5)
-    np.testing.assert_allclose(metrics["entropy"], (div * mask).sum() / mask.sum(), rtol=1e-6)
-    grpo_cfg = losses.LossConfig(distill_weight=0.0, loss_type="dr_grpo", eps_high=0.28)
-    only_grpo, m = losses.fd_grpo_loss(grpo_cfg, **{**arrays, "divergence_BT": None})
-    np.testing.assert_allclose(only_grpo, grpo, rtol=1e-5)
-    assert "loss/fd" not in m
-    with pytest.raises(ValueError, match="needs divergence_BT"):
-        losses.fd_grpo_loss(cfg, **{**arrays, "divergence_BT": None})
-    with pytest.raises(ValueError, match=r"loss_agg='sum'.*\['constant', 'seq_mean', 'token_mean'\]"):
-        losses.LossConfig(loss_agg="sum")
-
-
 @pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
 def test_policy_aggregation_weights_reproduce_the_aggregation(loss_type):
     rng = np.random.default_rng(5)

@@ -263,5 +263,5 @@ def test_one_pass_kernel_gives_the_two_pass_loss_gradients_and_metrics(setup, ov
 
 
 def test_one_pass_needs_token_level_ratios():
-    with pytest.raises(ValueError, match="kernel_passes='one' needs importance_sampling_level='token'"):
+    with pytest.raises(ValueError, match="kernel_passes = 'one': needs importance_sampling_level='token'"):
         StepConfig(kernel_passes="one", importance_sampling_level="sequence")

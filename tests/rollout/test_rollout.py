@@ -12,7 +12,7 @@ import pytest
 
 from fd_jax.data.char_tokenizer import build_char_tokenizer
 from fd_jax.data.problems import Problem
-from fd_jax.data.reprompt import TRUNCATION_MARKER, RepromptTemplates
+from fd_jax.data.reprompt import TRUNCATION_MARKER
 from fd_jax.feedback import get_provider
 from fd_jax.rollout.rollout import RolloutConfig, run_rollout
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticVerifier, answer_of, make_problems
@@ -137,9 +137,9 @@ def test_solved_sibling_demonstrations():
         solved = {0, 4, 5}
         return str(answer_of(statement) + (0 if i in solved else 1))
 
-    templates = RepromptTemplates(reprompt="{solution}{feedback}", feedback="[F]", solution="[S:{solution}]")
     config = RolloutConfig(num_generations=4, max_new_tokens=8, pad_multiple=8, use_successful_as_teacher=True,
-                           templates=templates)
+                           reprompt_template="{solution}{feedback}", feedback_template="[F]",
+                           solution_template="[S:{solution}]")
     result = rollout(problems, scripted_generate(answer), config)
     contexts = [r["teacher_prompt"] for r in result.records]
     assert contexts[0] is None  # its own success is not shown to it, and it has no sibling success

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fd_jax.config.validation import ConfigError
+from fd_jax.config.errors import ConfigError
 from fd_jax.train.metrics_log import read_jsonl
 from fd_jax.models import save_hf
 
@@ -206,7 +206,7 @@ def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
     # (Whether GRPO then moves the policy depends on rewards, and a random model earns none here.)
 
     # The stage layout is part of the workdir: changing fd_steps afterwards is refused, naming the field.
-    from fd_jax.config.validation import stages
+    from fd_jax.train.stages import stages
     from fd_jax.train.loop import resume_point
 
     cfg = _smoke_config()

@@ -181,3 +181,19 @@ def test_minif2f_statements_pass_with_honest_variants(shared_data):
         ):
             assert screen(s, code, header=header) is None, (row["name"], screen(s, code, header=header))
         assert screen(s, s + "  sorry\n", header=header) is not None
+
+
+def test_allow_list_can_be_extended():
+    """docs/usage.md, "Lean screen allow-list": a user adds an option and a helper command in place."""
+    from fd_jax.lean.screen import ALLOWED_OPTIONS, HELPER_KEYWORDS
+
+    code = "set_option tactic.skipAssignedInstances false\nirreducible_def c : ℕ := 3\n" + HONEST
+    assert "tactic.skipAssignedInstances" in screen(STATEMENT, code)
+    ALLOWED_OPTIONS.add("tactic.skipAssignedInstances")
+    HELPER_KEYWORDS.add("irreducible_def")
+    try:
+        assert screen(STATEMENT, code) is None
+    finally:
+        ALLOWED_OPTIONS.discard("tactic.skipAssignedInstances")
+        HELPER_KEYWORDS.discard("irreducible_def")
+    assert screen(STATEMENT, code) is not None

@@ -49,7 +49,8 @@ without the audit seeing `sorryAx`. Not guaranteed: soundness of Lean, Mathlib o
 
 Adding a command or an option for your Lean version: see docs/usage.md ("Lean screen allow-list"); the
 lists are `HELPER_KEYWORDS`, `INERT_ATTRIBUTES`, `ALLOWED_OPTIONS` / `ALLOWED_OPTION_PREFIXES` and
-`BODY_BANNED` below, all module constants.
+`BODY_BANNED` below: module-level sets and a dict, read at every call, so a user extends them in place
+(`from fd_jax.lean.screen import ALLOWED_OPTIONS; ALLOWED_OPTIONS.add(...)`).
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ DEFAULT_HEADER = (
 )
 
 # Declarations allowed as helpers (before or after the statement), and their allowed modifiers.
-HELPER_KEYWORDS = frozenset({"theorem", "lemma", "def", "abbrev", "structure", "inductive", "example"})
+HELPER_KEYWORDS = {"theorem", "lemma", "def", "abbrev", "structure", "inductive", "example"}
 HELPER_MODIFIERS = frozenset({"private", "protected", "noncomputable"})
 # Attributes with no effect on what is proved (others can register elaborators, tactics, instances,
 # simprocs or compiler overrides such as `csimp`, which hides sorryAx behind ofReduceBool).
-INERT_ATTRIBUTES = frozenset(
+INERT_ATTRIBUTES = set(
     {
         "simp", "simps", "reducible", "irreducible", "semireducible", "inline", "noinline", "specialize",
         "ext", "norm_cast", "push_cast", "mono", "gcongr", "nolint", "elab_as_elim", "refl", "symm", "trans",
@@ -80,7 +81,7 @@ INERT_ATTRIBUTES = frozenset(
 )  # fmt: skip
 # Options that only tune resources or output. Everything else is refused (`warn.sorry`, `suppressSorry`,
 # `debug.*`, `autoImplicit`, `trace.*`, ...).
-ALLOWED_OPTIONS = frozenset(
+ALLOWED_OPTIONS = set(
     {
         "maxHeartbeats", "maxRecDepth", "synthInstance.maxHeartbeats", "synthInstance.maxSize",
         "exponentiation.threshold", "diagnostics", "diagnostics.threshold",

@@ -192,3 +192,27 @@ def test_tactic_block():
     assert tactic_block(STATEMENT, code) == "  norm_num\n  rfl"
     assert tactic_block("theorem t : 1 = 1", "theorem t : 1 = 1 := by simp") == " simp"
     assert tactic_block(STATEMENT, "theorem u : True := trivial") is None
+
+
+def test_kimina_audit_is_bound_to_the_theorem(server):
+    """The snippet ends with `#print axioms _root_.t`; an answer about another constant, two reports, or no
+    report is never `valid`."""
+    def respond(snippet: str):
+        assert snippet.rstrip().endswith("#print axioms _root_.t")
+        audited = _with_audit({"time": 0.1}, snippet)
+        info = audited["messages"][0]
+        if "OTHER" in snippet:
+            info["data"] = "'Hack.t' depends on axioms: [propext]"
+        elif "TWICE" in snippet:
+            audited["messages"].append(dict(info))
+        elif "SILENT" in snippet:
+            audited["messages"] = []
+        elif "ELSEWHERE" in snippet:  # a report on another line (the proof's own output) does not count
+            info["pos"] = {"line": 1, "column": 0}
+        return 200, {"id": "t1", "error": None, "response": audited}
+
+    server.respond = respond
+    bodies = ["rfl -- OTHER", "rfl -- TWICE", "rfl -- SILENT", "rfl -- ELSEWHERE", "rfl"]
+    with KiminaVerifier(server.url, timeout_s=5, max_retries=0) as verifier:
+        verdicts = verifier.verify_batch([_task(b) for b in bodies])
+    assert [v.status for v in verdicts] == ["invalid", "invalid", "invalid", "invalid", "valid"], verdicts

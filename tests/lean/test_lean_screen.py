@@ -31,8 +31,7 @@ ACCEPTED = {
     "helper lemma with simp attribute": "@[simp] lemma two_sq : (2 : ℝ) ^ 2 = 4 := by norm_num\n\n" + HONEST,
     "set_option in": "set_option maxHeartbeats 400000 in\n" + HONEST,
     "helper def before": "def double (n : ℕ) : ℕ := 2 * n\n\n" + HONEST,
-    "instance after the statement": HONEST + "\ninstance : Inhabited ℕ := ⟨3⟩\n",
-    "primes and characters": STATEMENT + "  have h' : x = 2 := h₀\n  have c : 'a' ≠ '\"' := by decide\n"
+    "primes and characters": STATEMENT + "  have h' : x = 2 := h₀\n  have c : 'a' ≠ 'b' := by decide\n"
     + PROOF,
     "open in a tactic": STATEMENT + "  open Real in\n  subst h₀\n  norm_num\n",
 }
@@ -51,14 +50,14 @@ def test_sum_statement_with_in_passes():
 HIDDEN = "theorem mathd_algebra_10 (x : ℝ) (h₀ : x = 2) : True := trivial\n"  # proves something else
 # name -> (code, a word the reason must contain)
 REJECTED = {
-    "statement missing": ("theorem other : True := trivial", "verbatim"),
-    "statement in a line comment": ("-- " + STATEMENT.replace("\n", " ") + "\n" + HIDDEN, "verbatim"),
-    "statement in a block comment": ("/-\n" + HONEST + "-/\n" + HIDDEN, "verbatim"),
-    "statement in a nested comment": ("/- /- -/\n" + HONEST + "-/\n" + HIDDEN, "verbatim"),
-    "statement in a doc comment opened by /--/": ("/--/\n" + HONEST + "-/\n" + HIDDEN, "verbatim"),
-    "statement in a string": ('def s := "' + HONEST + '"\n' + HIDDEN, "verbatim"),
-    "statement altered": (HONEST.replace("(h₀ : x = 2)", "(h₀ : x = 2) (h₁ : False)"), "verbatim"),
-    "statement renamed": (HONEST.replace("mathd_algebra_10", "mathd_algebra_10'"), "verbatim"),
+    "statement missing": ("theorem other : True := trivial", "does not contain"),
+    "statement in a line comment": ("-- " + STATEMENT.replace("\n", " ") + "\n" + HIDDEN, "not by the given statement"),
+    "statement in a block comment": ("/-\n" + HONEST + "-/\n" + HIDDEN, "not by the given statement"),
+    "statement in a nested comment": ("/- /- -/\n" + HONEST + "-/\n" + HIDDEN, "not by the given statement"),
+    "statement in a doc comment opened by /--/": ("/--/\n" + HONEST + "-/\n" + HIDDEN, "not by the given statement"),
+    "statement in a string": ('def s := "' + HONEST + '"\n' + HIDDEN, "not by the given statement"),
+    "statement altered": (HONEST.replace("(h₀ : x = 2)", "(h₀ : x = 2) (h₁ : False)"), "not by the given statement"),
+    "statement renamed": (HONEST.replace("mathd_algebra_10", "mathd_algebra_10'"), "does not contain"),
     "sorry": (STATEMENT + "  sorry\n", "sorry"),
     "admit": (STATEMENT + "  admit\n", "admit"),
     "sorryAx": (STATEMENT + "  exact _root_.sorryAx _ false\n", "sorryAx"),
@@ -74,24 +73,24 @@ REJECTED = {
     "run_tac": (STATEMENT + "  run_tac pure ()\n", "run_tac"),
     "run_elab": ("run_elab pure ()\n" + HONEST, "run_elab"),
     "by_elab": (STATEMENT + "  exact by_elab pure ()\n", "by_elab"),
-    "macro": ('macro "win" : tactic => `(tactic| norm_num)\n' + HONEST, "macro"),
-    "macro_rules": ("macro_rules | `(tactic| trivial) => `(tactic| norm_num)\n" + HONEST, "macro_rules"),
+    "macro": ('macro "win" : tactic => `(tactic| norm_num)\n' + HONEST, "quotation"),
+    "macro_rules": ("macro_rules | `(tactic| trivial) => `(tactic| norm_num)\n" + HONEST, "quotation"),
     "syntax": ('syntax "win" : tactic\n' + HONEST, "syntax"),
     "elab": ('elab "win" : tactic => pure ()\n' + HONEST, "elab"),
-    "local notation": ('local notation "ℝ" => ℕ\n' + HONEST, "notation"),
+    "local notation": ('local notation "ℝ" => ℕ\n' + HONEST, "local"),
     "infix redefinition": ('infixl:65 " + " => HSub.hSub\n' + HONEST, "infixl"),
     "simproc": ("simproc foo (_) := fun _ => pure .continue\n" + HONEST, "simproc"),
     "skip kernel": ("set_option debug.skipKernelTC true\n" + HONEST, "debug.skipKernelTC"),
     "skip kernel in": ("set_option debug.skipKernelTC true in\n" + HONEST, "debug.skipKernelTC"),
     "autoImplicit": ("set_option autoImplicit true in\n" + HONEST, "autoImplicit"),
-    "open in before the statement": ("open Real in\n" + HONEST, "open"),
+    "open in before the statement": ("open Real in\n" + HONEST, "not by the given statement"),
     "statement inside a quotation": ("open Lean in\ndef q : MacroM Syntax := `(command| " + HONEST + ")\n"
                                      + HIDDEN.replace("mathd_algebra_10", "other"), "quotation"),
     "open not in the header": ("open Finset\n" + HONEST, "open Finset"),
     "namespace": ("namespace Hack\n" + HONEST + "end Hack\n", "namespace"),
     "variable": ("variable (h : False)\n" + HONEST, "variable"),
     "instance before": ("instance : LT ℝ := ⟨fun _ _ => True⟩\n" + HONEST, "instance"),
-    "local instance attribute": ("attribute [local instance] Classical.propDecidable\n" + HONEST, "instance"),
+    "local instance attribute": ("attribute [local instance] Classical.propDecidable\n" + HONEST, "attribute"),
     "instance attribute on a def": ("@[instance] def bad : LT ℝ := ⟨fun _ _ => True⟩\n" + HONEST, "instance"),
     "tactic attribute": ("@[tactic Lean.Parser.Tactic.omega] def f : ℕ := 0\n" + HONEST, "tactic"),
     "apply?": (STATEMENT + "  apply?\n", "apply?"),
@@ -101,14 +100,14 @@ REJECTED = {
     "ofReduceBool": (STATEMENT + "  exact Lean.ofReduceBool _ _ rfl\n", "ofReduceBool"),
     "import later": (HONEST + "import Mathlib.Tactic\n", "import"),
     "redeclared after": (HONEST + "theorem mathd_algebra_10 : True := trivial\n", "declared again"),
-    "redeclared before as def": ("def mathd_algebra_10 := 0\n" + HONEST, "declared again"),
+    "redeclared before as def": ("def mathd_algebra_10 := 0\n" + HONEST, "is declared"),
     "escaped identifier": ("def «x» := 0\n" + HONEST, "escaped"),
     "raw string": ('def s := r#"a" theorem "#\n' + HONEST, "raw string"),
     "interpolated string": ('def s := s!"{1}"\n' + HONEST, "string literal"),
     # Lean reads `'"'` after a number as a character literal; a lexer that did not would take the rest
     # of the line for a string and miss the `#exit`.
     "character literal after a number": (
-        'def f (n : ℕ) (c : Char) := n\nexample := f 2\'"\' #exit\n' + HONEST, "#exit"
+        'def f (n : ℕ) (c : Char) := n\nexample := f 2\'"\' #exit\n' + HONEST, "after a number"
     ),
 }
 
@@ -144,7 +143,7 @@ def test_only_set_option_may_modify_the_statement():
     header = DEFAULT_HEADER + "open Real\n"
     assert passes("open Real\nset_option maxHeartbeats 0 in\n" + HONEST, header=header)
     reason = screen(STATEMENT, "open Real\nin\nset_option maxHeartbeats 0 in\n" + HONEST, header=header)
-    assert reason is not None and "modifier" in reason
+    assert reason is not None and "`in`" in reason
 
 
 def test_reasons_name_the_line():

@@ -148,7 +148,7 @@ class RolloutConfig:
     top_k: int = knob(0, "top-k sampling (0 = off)")
     chunk_problems: int = knob(0, "problems per generate call; >0 overlaps checking with generation (0 = all)",
                                minimum=0)
-    pad_multiple: int = knob(32, "padded prompt/completion lengths are multiples of this (fewer recompilations)",
+    pad_multiple: int = knob(32, "padded lengths are this times 2**k or 3 * 2**k: few shapes, few recompilations",
                              minimum=1)
     request_feedback: bool = knob(True, "ask the feedback provider about failed rollouts (the stage sets it: "
                                   "off for pure GRPO)", run_default=NOT_IN_CONFIG)

@@ -10,8 +10,9 @@ import numpy as np
 
 @dataclasses.dataclass
 class TrainBatch:
-    """B = P*G rollouts, row b = problem b // G, sample b % G. Padded lengths S, U, C are multiples of the
-    rollout's `pad_multiple`, so the jitted step sees few distinct shapes.
+    """B = P*G rollouts, row b = problem b // G, sample b % G. Padded lengths S, U, C are each the
+    rollout's `pad_multiple` times 2**k or 3 * 2**k (`bucket_length`), so the jitted step sees a small known
+    set of shapes: about 2 log2(longest / pad_multiple) + 1 lengths per axis.
 
     student_tokens_BS: prompt + completion, right-padded with the pad id.
     student_positions_BS: 0..len-1 on tokens, -1 on padding (the model derives its attention mask from it).
@@ -45,12 +46,25 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def bucket_length(n: int, multiple: int) -> int:
+    """The smallest of `multiple` x {1, 2, 3, 4, 6, 8, 12, 16, ...} (2**k and 3 * 2**k) that is >= n.
+
+    Rounding up to a multiple of `multiple` alone gives a new shape, so a new compilation of the train
+    step, whenever the longest reprompt crosses a multiple (a 10-18 s stall mid-run on a CPU, minutes on a
+    TPU). These buckets bound the shapes to about 2 log2(longest / multiple) + 1 per axis; beyond 2 x
+    `multiple` a length is padded by at most 1.5x (doubling buckets would pad by up to 2x)."""
+    units = 1  # 1, 2, 3, 4, 6, 8, ...: from 2**k (k >= 1) to 3 * 2**(k-1), from there to 2**(k+1)
+    while units * multiple < n:
+        units = units * 3 // 2 if units >= 2 and units & (units - 1) == 0 else (units * 4 // 3 if units % 3 == 0 else 2)
+    return units * multiple
+
+
 def _pack_rows(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, multiple: int, C: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """tokens [B,T], positions [B,T] and the predicting index [B,C] of prompt + completion rows."""
     B = len(prompts)
-    T = round_up(max(len(p) + len(c) for p, c in zip(prompts, completions)), multiple)
+    T = bucket_length(max(len(p) + len(c) for p, c in zip(prompts, completions)), multiple)
     tokens_BT = np.full((B, T), pad_id, np.int32)
     positions_BT = np.full((B, T), -1, np.int32)
     for b, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -94,7 +108,7 @@ def pack_train_batch(
                 f"pack_train_batch: row {b} has {len(completions[b])} completion tokens but "
                 f"{len(old_logprobs[b])} log-probs"
             )
-    C = round_up(max(len(c) for c in completions), pad_multiple)
+    C = bucket_length(max(len(c) for c in completions), pad_multiple)
     student_tokens, student_positions, student_index = _pack_rows(
         student_prompts, completions, pad_id, pad_multiple, C
     )

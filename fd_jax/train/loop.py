@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from fd_jax.train import components, multihost, step_metrics
+from fd_jax.train import compilations, components, multihost, step_metrics
 from fd_jax import sharding as sharding_lib
 from fd_jax.train import workdir as workdir_lib
 from fd_jax.train.checkpoint import Checkpointer
@@ -176,6 +176,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     means a signal arrived and a checkpoint of that step was written. Raises ConfigError for a bad config
     (before anything is built)."""
     validate(cfg)
+    compilations.install()
     sharding_lib.maybe_initialize_distributed(cfg.multihost)
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(cfg.compilation_cache_dir).expanduser()))
@@ -236,7 +237,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
             run_log.close()
             if feedback is not None and hasattr(feedback, "close"):
                 feedback.close()
-    log.info("%s at step %d; logs in %s", status, step, workdir)
+    log.info("%s at step %d; logs in %s; %d XLA programs built in this process (%.1f s)", status, step, workdir,
+             *compilations.totals().values())
     return {"status": status, "step": step, "workdir": str(workdir)}
 
 
@@ -354,7 +356,8 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             per_iteration = [{k: float(v) for k, v in m.items()} for m in jax.device_get(per_iteration)]
             record = _record(run, stage, step, rollout, per_iteration, start, time.perf_counter() - train_start,
                              epoch=data_state["epoch"])
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            # eval.at_end evaluates here too, so that its eval/* scores reach metrics.jsonl and TensorBoard.
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
                 record.update(_evaluate(run, stage, state.params, step))
             run.log.write(record, tensorboard_dir=stage_dir / TENSORBOARD)
             trained += 1
@@ -389,6 +392,7 @@ def _record(run: _Run, stage: Stage, step: int, rollout: RolloutResult, per_iter
         "tokens_per_s": combined["completion_tokens"] / max(step_s, 1e-9),  # generated tokens per wall second
         "train/tokens_per_s": combined["completion_tokens"] * run.cfg.num_iterations / max(train_s, 1e-9),
         "wall_time": time.time(),
+        **compilations.totals(),  # programs built so far in this process: flat once every shape has been seen
     })
     return record
 
@@ -425,12 +429,11 @@ def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
 
 
 def _finish_stage(run: _Run, stage: Stage, state: TrainState, step: int, *, trained: bool) -> None:
-    """At a stage's end: evaluation (eval.at_end) and the Hugging Face export of the policy."""
+    """At a stage's end: the Hugging Face export of the policy (eval.at_end ran with the last step)."""
     final = stage.name == stages(run.cfg)[-1].name
     export_dir = run.workdir / HF_FINAL if final else run.stage_dir(stage) / HF_FINAL
-    evaluated = run.cfg.eval.every_steps and step % run.cfg.eval.every_steps == 0
-    if run.cfg.eval.at_end and trained and not evaluated:
-        scalars = _evaluate(run, stage, state.params, step)
+    if trained and run.cfg.eval.at_end and run.log.records and run.log.records[-1].get("step") == step:
+        scalars = {k: v for k, v in run.log.records[-1].items() if k.startswith("eval/")}
         if scalars:
             run.log.message(f"evaluation at the end of stage {stage.name} (step {step}): " + json.dumps(scalars))
     if run.cfg.export_hf and (trained or not (export_dir / "config.json").exists()):

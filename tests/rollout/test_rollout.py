@@ -16,7 +16,7 @@ from fd_jax.data.reprompt import TRUNCATION_MARKER
 from fd_jax.feedback import get_provider
 from fd_jax.rollout.rollout import RolloutConfig, run_rollout
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticVerifier, answer_of, make_problems
-from fd_jax.rl.batch import pack_train_batch
+from fd_jax.rl.batch import bucket_length, pack_train_batch
 
 TOKENIZER = build_char_tokenizer()
 FMT = ArithmeticFormat()
@@ -229,6 +229,23 @@ def test_pack_train_batch_by_hand():
         pack_train_batch(student_prompts=[[1], [1]], teacher_prompts=[[1], [1]], completions=[[2], [2, 3, 4]],
                          old_logprobs=[[0.0], [0.0, 0.0]], rewards_B=np.zeros(2), advantages_B=np.zeros(2),
                          distill_mask_B=np.zeros(2), pad_id=0)
+
+
+def test_padded_lengths_come_from_a_small_known_set():
+    """The smoke run's reprompts grew from 295 to 334 tokens at step 61, past a multiple of 64: a new
+    shape, a recompilation of the train step and a 10-18 s stall. Lengths now fall in buckets of
+    pad_multiple x {1, 2, 3, 4, 6, 8, ...}: few shapes, known in advance, little padding."""
+    m = 64
+    lengths = {bucket_length(n, m) for n in range(1, 8193)}
+    assert lengths == {m * u for u in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+    assert all(n <= bucket_length(n, m) <= max(1.5 * n, m) for n in range(2 * m + 1, 8193))  # beyond 2 m: <= 1.5x
+    assert all(n <= bucket_length(n, m) < max(2 * n, m + 1) for n in range(1, 2 * m + 1))
+    teacher = [[1] * 295, [1] * 334]  # the two reprompt lengths of the smoke run, around step 61
+    shapes = {pack_train_batch(student_prompts=[[1] * 23], teacher_prompts=[t], completions=[[2] * 8],
+                               old_logprobs=[[0.0] * 8], rewards_B=np.zeros(1), advantages_B=np.zeros(1),
+                               distill_mask_B=np.ones(1), pad_id=0, pad_multiple=m).teacher_tokens_BU.shape
+              for t in teacher}
+    assert shapes == {(1, 384)}
 
 
 def test_end_to_end_with_a_tiny_model_and_the_real_sampler(tmp_path):

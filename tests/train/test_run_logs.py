@@ -1,4 +1,4 @@
-"""The run's log sinks (fd_jax.metrics_log.RunLog) as a user sees them: the progress bar's text."""
+"""The run's log sinks (fd_jax.train.metrics_log.RunLog) as a user sees them: the progress bar's text."""
 
 from __future__ import annotations
 

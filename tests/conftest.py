@@ -10,9 +10,14 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Test modules share helpers across folders (tests/train reuses tests/rl/test_train_step's compiled step):
+# every test folder is importable by module name, whichever folder pytest imports first.
+sys.path[:0] = [str(d) for d in sorted(pathlib.Path(__file__).parent.iterdir()) if d.is_dir() and d.name != "__pycache__"]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 

@@ -201,8 +201,7 @@ def _commands(tokens: tuple[Token, ...], code: str) -> list[list[Token]]:
     no indentation (nothing before it on the line in the original text)."""
     commands: list[list[Token]] = []
     for token in tokens:
-        line_begin = code.rfind("\n", 0, token.start) + 1
-        starts = token.line_start and code[line_begin : line_begin + 1] not in (" ", "\t")
+        starts = token.line_start and code[code.rfind("\n", 0, token.start) + 1] not in (" ", "\t")
         if starts or not commands:
             commands.append([])
         commands[-1].append(token)

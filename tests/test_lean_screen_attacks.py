@@ -77,6 +77,12 @@ COMMAND_ATTACKS = {
     "attribute inside a proof": (STATEMENT + "  @[simp] have := 1\n  norm_num\n", "attributes"),
     "open not in the header, scoped": ("open scoped Classical\n" + HONEST, "open Classical"),
     "partial def": ("partial def f (n : ℕ) : ℕ := f n\n" + HONEST, "partial"),
+    # Indented under a term-mode helper, `open ... in` ends the helper for Lean and modifies the statement.
+    "open in dangling at the end of a helper": (
+        "lemma aux : True := trivial\n  open scoped Classical in\n" + HONEST, "modify the next command"
+    ),
+    "set_option in dangling at the end": ("lemma aux : True := trivial\n  set_option maxHeartbeats 0 in\n" + HONEST,
+                                          "modify the next command"),
     "statement split by a column-0 line": (HONEST.replace("\n  x ^ 2", "\nx ^ 2"), "not by the given statement"),
 }
 

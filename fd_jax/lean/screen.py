@@ -115,6 +115,8 @@ BODY_BANNED: dict[str, str] = {
         )
     },
 }  # fmt: skip
+# Families of command keywords (`builtin_simproc`, `register_label_attr`, `declare_aesop_rule_sets`, ...).
+_COMMAND_PREFIXES = ("builtin_", "register_", "declare_", "initialize_", "run_")
 _TERM_ELABORATORS = ("eval", "type_of", "by_elab", "elab", "decl_name", "run_elab")  # `eval% ...`
 _NATIVE_NAMES = ("native_decide", "ofReduceBool", "ofReduceNat", "reduceBool", "reduceNat", "trustCompiler")
 
@@ -302,17 +304,21 @@ class _Screen:
                     _, after = self.open_names(tokens, j)
                     if after >= len(tokens) or tokens[after].text != "in":
                         raise self.reject(token, "`open` inside a declaration must be `open X in`")
+                    self.not_last(tokens, after)
                     j = after + 1
                     continue
                 if text == "set_option":
                     after = self.option(tokens, j)
                     if after >= len(tokens) or tokens[after].text != "in":
                         raise self.reject(token, "`set_option` inside a declaration must be `set_option ... in`")
+                    self.not_last(tokens, after)
                     j = after + 1
                     continue
                 for word in (text, last):
                     if word in self.banned:
                         raise self.reject(token, f"`{text}` {self.banned[word]}")
+                if text.startswith(_COMMAND_PREFIXES):
+                    raise self.reject(token, f"`{text}` {_CMD}")
                 if text.endswith("?"):
                     raise self.reject(token, f"`{text}`: search tactics (`...?`) can close goals with sorry")
                 if text == "native" and j and tokens[j - 1].text in ("+", "-") and not self.native_ok:
@@ -329,6 +335,12 @@ class _Screen:
                 if text.startswith("%") and j and tokens[j - 1].text in _TERM_ELABORATORS and not token.spaced:
                     raise self.reject(token, f"`{tokens[j - 1].text}{text}`: term elaborators are not allowed")
             j += 1
+
+    def not_last(self, tokens: list[Token], k: int) -> None:
+        """An `in` (tokens[k]) that ends a declaration would make Lean apply `open ... in` / `set_option ...
+        in` to the next command (the statement, say), while this screen read it as part of the body."""
+        if k + 1 >= len(tokens):
+            raise self.reject(tokens[k], "`... in` at the end of a declaration would modify the next command")
 
     def helper(self, command: list[Token], k: int, namespace: list[str], after_statement: bool) -> None:
         """A helper declaration whose keyword is command[k]."""

@@ -19,7 +19,6 @@ from typing import Any
 from fd_jax.lean.screen import DEFAULT_HEADER
 
 
-
 class ProblemFormatError(ValueError):
     """A problem file that cannot be read: the message names the file, the line or row, and the field."""
 

@@ -151,6 +151,8 @@ HONEST_CASES = {  # name -> (statement, code); Lean accepts each with the defaul
     "comments and doc comments everywhere": (
         B, "/-- a doc -/\nlemma aux : True := trivial -- note\n/-! module doc -/\n" + B + "  -- sorry here is a word\n  omega\n"
     ),
+    "helper with attribute ending in a bracket": (B, "@[simp] lemma aux : (1 : ℕ) + 1 = 2 := by simp [add_comm]\n"
+                                                   + B + "  omega\n"),
     "refine with holes and factorial": (B, B + "  refine ?_\n  have : 3 ! = 6 := rfl\n  omega\n"),
 }
 

@@ -225,9 +225,17 @@ def _commands(tokens: tuple[Token, ...], code: str) -> list[list[Token]]:
 
 
 def _is_prefix(command: list[Token]) -> bool:
+    """True if `command` is only a modifier: `set_option ... in`, `open ... in` or one attribute list `@[...]`."""
     if command[0].text in ("set_option", "open") and command[-1].text == "in":
         return True
-    return command[0].text == "@" and command[-1].text == "]"
+    if command[0].text != "@" or len(command) < 2 or command[1].text != "[":
+        return False
+    depth = 0
+    for k, token in enumerate(command[1:], 1):
+        depth += {"[": 1, "]": -1}.get(token.text, 0)
+        if depth == 0:
+            return k == len(command) - 1
+    return False
 
 
 class _Screen:
@@ -279,6 +287,8 @@ class _Screen:
         j, depth, entry_start = k + 2, 1, True
         while j < len(tokens) and depth:
             token = tokens[j]
+            if entry_start and depth == 1 and token.kind != "ident":
+                raise self.reject(token, f"an attribute must start with its name, not `{token.text}`")
             if token.text in ("[", "(", "{", "⟨"):
                 depth += 1
             elif token.text in ("]", ")", "}", "⟩"):

@@ -83,6 +83,10 @@ COMMAND_ATTACKS = {
     ),
     "set_option in dangling at the end": ("lemma aux : True := trivial\n  set_option maxHeartbeats 0 in\n" + HONEST,
                                           "modify the next command"),
+    # For Lean `/-!` is a token: it ends the proof, and what follows is read as new commands.
+    "module doc inside a proof": (STATEMENT + "  norm_num /-! -/ open scoped Classical in\n  example : True := trivial\n",
+                                  "doc comment"),
+    "doc comment inside a helper": ("lemma aux : True := trivial /-- d -/ open Real in\n" + HONEST, "doc comment"),
     "statement split by a column-0 line": (HONEST.replace("\n  x ^ 2", "\nx ^ 2"), "not by the given statement"),
 }
 

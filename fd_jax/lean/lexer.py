@@ -116,6 +116,7 @@ class _Scanner:
         self.tokens: list[Token] = []
         self.problems: list[LexProblem] = []
         self.blank: list[tuple[int, int]] = []  # comments and literals, blanked in the code view
+        self.docs: list[tuple[int, int]] = []  # doc comments `/-- -/` and module docs `/-! -/` (tokens for Lean)
         self.spaced, self.line_start = True, True
 
     def problem(self, offset: int, what: str) -> None:
@@ -249,6 +250,8 @@ class _Scanner:
                 if kind == "block":
                     i = self.comment_end(start)
                     self.blank.append((start, i))
+                    if text.startswith(("/--", "/-!"), start):
+                        self.docs.append((start, i))
                     self.spaced = True
                 elif kind == "str":
                     i = self.string(start)
@@ -289,11 +292,12 @@ _TOKEN = re.compile(
 _VERSION_DEPENDENT = re.compile("[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u017f\u2c7c]")
 
 
-def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str]:
-    """(tokens, problems, code view) of Lean 4 source `text`; see the module docstring.
+def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str, tuple[tuple[int, int], ...]]:
+    """(tokens, problems, code view, doc comments) of Lean 4 source `text`; see the module docstring.
 
     The code view is `text` with comments and string / character literals replaced by spaces (same length,
-    same line breaks, so offsets and line numbers carry over).
+    same line breaks, so offsets and line numbers carry over). Doc comments are (start, end) offsets of
+    `/-- ... -/` and `/-! ... -/`: for Lean they are tokens, which end the term or tactic block before them.
     """
     scanner = _Scanner(text)
     scanner.run()
@@ -308,12 +312,12 @@ def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str]
     if letter := _VERSION_DEPENDENT.search(view):
         scanner.problem(letter.start(), f"the character {letter.group()!r} (a letter for some Lean versions only)")
     problems = sorted(scanner.problems, key=lambda p: p.offset)
-    return tuple(scanner.tokens), tuple(problems), view
+    return tuple(scanner.tokens), tuple(problems), view, tuple(scanner.docs)
 
 
 def lex(text: str) -> tuple[str, list[LexProblem]]:
     """(code view, problems) of Lean 4 source `text`; see `tokenize`."""
-    _, problems, view = tokenize(text)
+    _, problems, view, _ = tokenize(text)
     return view, list(problems)
 
 

@@ -35,7 +35,9 @@ Inside every command body (helper bodies and the proof) tokens are banned by cla
   with sorry on some versions);
 * every `#` command (`#exit`, `#eval`, `#guard_msgs`, `#print`), attributes `@[...]` (other than before a
   helper), and all options outside `ALLOWED_OPTIONS` (`warn.sorry`, Mathlib's `suppressSorry`,
-  `debug.skipKernelTC`, `autoImplicit`, ...).
+  `debug.skipKernelTC`, `autoImplicit`, ...);
+* an `open ... in` / `set_option ... in` that ends a declaration (Lean would apply it to the next command),
+  and a doc comment `/--` / `/-!` anywhere but before a command (for Lean it ends the declaration).
 Helper declarations must not be named like the statement, and no helper's last name component may equal
 an identifier of the statement (a new constant could overload a name the statement uses).
 
@@ -397,12 +399,13 @@ class _Screen:
                 raise self.reject(command[after], f"unexpected `{command[after].text}` after `{command[k].text}`")
         return k, opened
 
-    def run(self, tokens: tuple[Token, ...]) -> None:
+    def run(self, tokens: tuple[Token, ...], docs: tuple[tuple[int, int], ...] = ()) -> None:
         if not self.given:
             raise _Reject("", None, "the statement is empty")
         if self.name is None:
             raise _Reject("", None, "the statement must be `theorem NAME ...` or `lemma NAME ...`")
         commands = _commands(tokens, self.code)
+        self.doc_comments(tokens, docs, commands)
         while commands and commands[0][0].text == "import":
             if len(commands[0]) != 2 or commands[0][1].kind != "ident":
                 raise self.reject(commands[0][0], "`import` takes one module name")
@@ -422,6 +425,15 @@ class _Screen:
                           "token for token, outside comments and strings)")  # fmt: skip
         if blocks:
             raise self.reject(len(self.code), f"`{blocks[-1][0]} {blocks[-1][1]}` is never closed")
+
+    def doc_comments(self, tokens: tuple[Token, ...], docs: tuple[tuple[int, int], ...], commands) -> None:
+        """A doc comment (`/--`, `/-!`) is a token for Lean: inside a term or a proof it ends the command, and
+        Lean reads what follows as a new one. So one may only stand before a command (or at the end)."""
+        starts = {command[0].start for command in commands}
+        for start, end in docs:
+            following = next((t for t in tokens if t.start >= end), None)
+            if following is not None and following.start not in starts:
+                raise self.reject(start, "a doc comment (`/--`, `/-!`) inside a declaration would end it for Lean")
 
     def is_statement(self, command: list[Token]) -> bool:
         """True if `command` is the statement (after `set_option ... in` modifiers); checks its proof."""
@@ -514,7 +526,7 @@ def screen(
     """
     if not isinstance(statement, str) or not isinstance(code, str) or not isinstance(header, str):
         return f"statement and code must be strings, got {type(statement).__name__} and {type(code).__name__}"
-    tokens, problems, _ = tokenize(code)
+    tokens, problems, _, docs = tokenize(code)
     if problems:
         first = problems[0]
         return f"line {line_of(code, first.offset)}: {first.what} is not allowed in proofs"
@@ -522,7 +534,7 @@ def screen(
     if statement_problems:
         return f"the statement has {statement_problems[0].what}; it cannot be matched safely"
     try:
-        _Screen(statement, code, header, allow_native_decide).run(tokens)
+        _Screen(statement, code, header, allow_native_decide).run(tokens, docs)
     except _Reject as reject:
         return str(reject)
     return None

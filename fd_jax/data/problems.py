@@ -14,11 +14,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-# Lean Workbook statements are written for Lean 4.8-era Mathlib and come without a header of their own.
-DEFAULT_HEADER = (
-    "import Mathlib\nimport Aesop\n\nset_option maxHeartbeats 400000\n\n"
-    "open BigOperators Real Nat Topology Rat\n\n"
-)
+# Lean Workbook statements are written for Lean 4.8-era Mathlib and come without a header of their own; they
+# get the verifiers' header, the one every miniF2F row carries (one definition, in fd_jax.lean.screen).
+from fd_jax.lean.screen import DEFAULT_HEADER
 
 
 class ProblemFormatError(ValueError):

@@ -34,6 +34,15 @@ class RequestFailed(RuntimeError):
         self.status = status
 
 
+class RequestTimedOut(RequestFailed):
+    """The last attempt got no (complete) answer within `timeout_s`."""
+
+
+def _is_timeout(error: BaseException) -> bool:
+    reason = getattr(error, "reason", None)  # URLError wraps the socket's timeout
+    return isinstance(error, (socket.timeout, TimeoutError)) or isinstance(reason, (socket.timeout, TimeoutError))
+
+
 def retry_after_s(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds, possibly fractional, or an HTTP date)."""
     if not value:
@@ -59,6 +68,7 @@ def post_json(
     backoff_s: float = 0.5,
     max_backoff_s: float = 30.0,
     on_retry: Callable[[], None] | None = None,
+    retry_timeouts: bool = True,
 ) -> dict[str, Any]:
     """POST `payload` as JSON and return the decoded JSON answer.
 
@@ -66,7 +76,10 @@ def post_json(
     max_retries: extra attempts after the first, on 408/409/429/5xx/529, timeouts and connection errors.
       The wait before retry k (0-based) is the server's Retry-After when it sends one, else
       backoff_s * 2**k with jitter in [0.5, 1], never more than max_backoff_s.
-    Raises RequestFailed (a 4xx other than the above fails at once); never logs headers (they hold keys).
+    retry_timeouts: False to give up at the first timeout (a server that is slow on this request, such as a
+      Lean server on a long proof, would only be slow again).
+    Raises RequestFailed (a 4xx other than the above fails at once), RequestTimedOut when the last attempt
+    timed out; never logs headers (they hold keys).
     """
     data = json.dumps(payload).encode("utf-8")
     host = urllib.parse.urlsplit(url).hostname or ""
@@ -90,6 +103,8 @@ def post_json(
             raise RequestFailed(f"answer from {url} is not JSON: {e}") from None
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
+            if _is_timeout(e) and (not retry_timeouts or attempt == max_retries):
+                raise RequestTimedOut(f"no answer from {url} within {timeout_s:g} s ({reason})") from None
         if attempt == max_retries:
             raise RequestFailed(f"{url}: giving up after {max_retries + 1} attempts, last: {reason}", status)
         if wait is None:

@@ -25,7 +25,8 @@ def _position(message: dict[str, Any], key: str) -> tuple[int, int] | None:
     pos = message.get(key)
     if not isinstance(pos, dict) or not isinstance(pos.get("line"), int) or pos["line"] < 1:
         return None
-    return pos["line"], int(pos.get("column") or 0)
+    column = pos.get("column")
+    return pos["line"], column if isinstance(column, int) and column >= 0 else 0
 
 
 def _clip(text: str, limit: int) -> str:

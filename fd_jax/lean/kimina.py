@@ -7,26 +7,21 @@ such as "Lean REPL command timed out in 60 seconds". The older `/verify` endpoin
 `{"results": [{"custom_id", "error", "response"}]}`, whose items have the same two fields;
 `kimina_verdict` reads either.
 
-Only the standard library is used (`urllib.request`), one request per proof on `max_concurrency` threads.
+One request per proof on `max_concurrency` threads, through the package's HTTP client (fd_jax.feedback.http,
+the standard library only).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import http.client
-import json
 import math
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from fd_jax.lean.base import ThreadedVerifier
 from fd_jax.lean.protocol import audit_query, audit_verdict, classify_answer, strip_imports
 from fd_jax.lean.screen import DEFAULT_HEADER, theorem_name
 from fd_jax.lean.types import CRASHED, TIMEOUT, VALID, ProofTask, Verdict
-
-_RETRY_STATUSES = (429, 502, 503, 504)  # "no available REPL" and gateway hiccups: worth another try
 
 
 def _shift(messages: list[dict[str, Any]], line_offset: int) -> list[dict[str, Any]]:
@@ -99,7 +94,7 @@ class KiminaVerifier(ThreadedVerifier):
     max_concurrency: requests in flight.
     api_key: sent as `Authorization: Bearer <key>` when set.
     http_timeout_s: client-side limit per request (default timeout_s + 30); past it the verdict is `timeout`.
-    max_retries: extra attempts after 429/502/503/504 or a refused connection, with exponential backoff.
+    max_retries: extra attempts after 408/409/429/5xx/529 or a refused connection, with exponential backoff.
     audit_axioms: append `#print axioms _root_.NAME` to the snippet and refuse non-standard axioms; the
       audit's answer is the message on that line, and it must name exactly that constant, once.
     """
@@ -129,30 +124,17 @@ class KiminaVerifier(ThreadedVerifier):
         self.max_retries = max_retries
         self.audit_axioms = audit_axioms
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(payload, ensure_ascii=False).encode(errors="replace")
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.http_timeout_s) as reply:
-                    return json.loads(reply.read())
-            except urllib.error.HTTPError as err:
-                if err.code not in _RETRY_STATUSES or attempt == self.max_retries:
-                    body = err.read()[:300].decode(errors="replace")
-                    raise _ServerError(f"HTTP {err.code} from {self.url}: {body}") from None
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, TimeoutError):
-                    raise
-                if attempt == self.max_retries:
-                    raise _ServerError(f"cannot reach {self.url}: {err.reason}") from None
-            except (http.client.HTTPException, ConnectionError) as err:  # dropped mid-answer
-                if attempt == self.max_retries:
-                    raise _ServerError(f"{self.url} broke the connection: {err!r}") from None
-            time.sleep(min(8.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
+    def _post(self, payload: dict[str, Any]) -> Any:
+        """The server's JSON answer (the package's one HTTP client: fd_jax.feedback.http.post_json).
+
+        Retries 408/409/429/5xx/529 and refused connections with exponential backoff; a client-side timeout is
+        not retried (the same proof would be slow again). Raises RequestTimedOut / RequestFailed.
+        """
+        from fd_jax.feedback.http import post_json  # imported here: fd_jax.feedback imports fd_jax.lean
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return post_json(self.url, payload, headers, timeout_s=self.http_timeout_s, max_retries=self.max_retries,
+                         backoff_s=0.25, max_backoff_s=8.0, retry_timeouts=False)  # fmt: skip
 
     def _verify_one(self, task: ProofTask, header: str) -> Verdict:
         prefix = header if header.endswith("\n") or not header else header + "\n"
@@ -164,13 +146,14 @@ class KiminaVerifier(ThreadedVerifier):
             code += f"\n\n{audit_query(name)}\n"
         payload = {"snippet": {"id": task.id or "fd_jax", "code": code}, "timeout": math.ceil(self.timeout_s),
                    "debug": False, "reuse": True}  # fmt: skip
+        from fd_jax.feedback.http import RequestFailed, RequestTimedOut
+
         start = time.monotonic()
         try:
             result = self._post(payload)
-        except (TimeoutError, urllib.error.URLError) as err:
-            why = f"no answer from {self.url}: {err}"
-            return Verdict(TIMEOUT, time_s=time.monotonic() - start, reason=why)
-        except (_ServerError, ValueError) as err:
+        except RequestTimedOut as err:
+            return Verdict(TIMEOUT, time_s=time.monotonic() - start, reason=str(err))
+        except (RequestFailed, ValueError) as err:
             return Verdict(CRASHED, time_s=time.monotonic() - start, reason=str(err))
         if isinstance(result, dict) and "results" in result:  # a server answering in the older `/verify` shape
             results = result["results"]
@@ -188,7 +171,3 @@ class KiminaVerifier(ThreadedVerifier):
                                               time_s=verdict.time_s)  # fmt: skip
         verdict.time_s = verdict.time_s or time.monotonic() - start
         return verdict
-
-
-class _ServerError(Exception):
-    """The server answered with an HTTP error or could not be reached."""

@@ -35,8 +35,8 @@ the proof with that reason rather than guess:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
+from typing import NamedTuple
 
 # Tokens of core Lean and Mathlib that end in `'`: after them a `'` belongs to the token. `×'` (PProd, core),
 # `∑'` / `∏'` (tsum / tprod), `⁻¹'` (preimage); `''` (image) is handled at the start of a token.
@@ -93,11 +93,10 @@ class LexProblem:
     what: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
     """One Lean token. kind: "ident", "number", "symbol" (a run of symbol characters), "bracket" (one of
     BRACKETS), "string", "char". start/end: offsets in the text. spaced: whitespace or a comment precedes it.
-    line_start: it is the first token on its line. column: its column (code points)."""
+    line_start: it is the first token on its line."""
 
     kind: str
     text: str
@@ -105,18 +104,9 @@ class Token:
     end: int
     spaced: bool
     line_start: bool
-    column: int
 
 
-def _is_symbol_char(ch: str) -> bool:
-    """Characters that are neither whitespace, a bracket, a quote, a digit nor an identifier's first character
-    (`!`, `?` and subscripts continue identifiers, but on their own they are symbols: `?_`, `n !`)."""
-    return not (
-        ch in WHITESPACE or ch in BRACKETS or ch in "\"'`«»" or is_id_first(ch) or "0" <= ch <= "9" or ch.isspace()
-    )
-
-
-_NUMBER = re.compile(r"0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_COMMENT_MARK = re.compile(r"/-|-/")
 _ESCAPE = re.compile(r"\\(?:[\\\"'nrt0]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
 
 
@@ -126,55 +116,27 @@ class _Scanner:
         self.tokens: list[Token] = []
         self.problems: list[LexProblem] = []
         self.blank: list[tuple[int, int]] = []  # comments and literals, blanked in the code view
+        self.docs: list[tuple[int, int]] = []  # doc comments `/-- -/` and module docs `/-! -/` (tokens for Lean)
         self.spaced, self.line_start = True, True
 
     def problem(self, offset: int, what: str) -> None:
         self.problems.append(LexProblem(offset, what))
 
     def emit(self, kind: str, start: int, end: int) -> None:
-        column = start - (self.text.rfind("\n", 0, start) + 1)
-        self.tokens.append(Token(kind, self.text[start:end], start, end, self.spaced, self.line_start, column))
+        self.tokens.append(Token(kind, self.text[start:end], start, end, self.spaced, self.line_start))
         self.spaced = self.line_start = False
 
     def comment_end(self, start: int) -> int:
-        """Offset just past the block comment opened at `start` (Lean skips the character after `/-`)."""
+        """Offset just past the block comment opened at `start` (Lean skips the character after `/-`, then
+        reads pairs left to right: `/-` nests, `-/` closes)."""
         depth, i = 1, start + 3
-        while i < self.n - 1:
-            pair = self.text[i : i + 2]
-            if pair == "/-":
-                depth, i = depth + 1, i + 2
-            elif pair == "-/":
-                depth, i = depth - 1, i + 2
-                if depth == 0:
-                    return i
-            else:
-                i += 1
+        while mark := _COMMENT_MARK.search(self.text, i):
+            depth += 1 if mark.group() == "/-" else -1
+            i = mark.end()
+            if depth == 0:
+                return i
         self.problem(start, "an unterminated block comment")
         return self.n
-
-    def skip_space(self, i: int) -> int:
-        text = self.text
-        while i < self.n:
-            ch = text[i]
-            if ch in WHITESPACE:
-                self.spaced = True
-                self.line_start = self.line_start or ch == "\n"
-                i += 1
-            elif text.startswith("--", i):
-                end = text.find("\n", i)
-                end = self.n if end < 0 else end
-                self.blank.append((i, end))
-                self.spaced, i = True, end
-            elif text.startswith("/-", i):
-                end = self.comment_end(i)
-                self.blank.append((i, end))
-                self.spaced, i = True, end
-            elif ch.isspace():
-                self.problem(i, f"the whitespace character U+{ord(ch):04X} (Lean reads only spaces and line breaks)")
-                self.spaced, i = True, i + 1
-            else:
-                break
-        return i
 
     def string(self, start: int) -> int:
         i = start + 1
@@ -224,90 +186,118 @@ class _Scanner:
         self.problem(i, f"a `'` right after `{previous}` (a character literal, or the end of a token?)")
         return i + 1
 
-    def symbols(self, start: int) -> int:
-        text, i = self.text, start
-        while i < self.n and _is_symbol_char(text[i]):
-            if i > start and text.startswith(("--", "/-"), i):
-                self.problem(i, f"a comment marker inside the symbols `{text[start:i + 2]}`")
-            if is_version_dependent(text[i]):
-                self.problem(i, f"the character {text[i]!r} (a letter for some Lean versions only)")
-            i += 1
-        # A `'` after a token that ends in `'` belongs to it, when no character literal could start there.
-        if i < self.n and text[i] == "'":
-            run = text[start : i + 1]
-            no_char = text[i + 1 : i + 2] != "\\" and text[i + 2 : i + 3] != "'"
-            if no_char and any(run.endswith(token) for token in PRIME_TOKENS):
-                i += 1
-        self.emit("symbol", start, i)
-        return i
-
-    def ident(self, start: int) -> int:
-        text, i = self.text, start + 1
-        while True:
-            while i < self.n and is_id_rest(text[i]):
-                i += 1
-            if i + 1 < self.n and text[i] == "." and (is_id_first(text[i + 1]) or text[i + 1] == "«"):
-                i += 1
-                if text[i] == "«":
-                    self.problem(i, "escaped identifiers «...» are not allowed")
-                    break
-                continue
-            break
-        if i < self.n and is_version_dependent(text[i]):
-            self.problem(i, f"the character {text[i]!r} (a letter for some Lean versions only)")
-        self.emit("ident", start, i)
-        return i
-
     def run(self) -> None:
-        text, i = self.text, 0
-        while True:
-            i = self.skip_space(i)
-            if i >= self.n:
-                return
-            ch = text[i]
-            if ch == '"':
-                start, i = i, self.string(i)
-                self.emit("string", start, i)
-            elif ch == "'":
-                start, i = i, self.prime(i)
-                if not self.tokens or self.tokens[-1].start != start:
-                    self.emit("char", start, i)
-            elif "0" <= ch <= "9":
-                match = _NUMBER.match(text, i)
-                self.emit("number", i, match.end())
-                if match.end() < self.n and text[match.end()] == "'":
-                    self.problem(match.end(), "a `'` right after a number")
-                i = match.end()
-            elif ch == "r" and re.match(r'r#*"', text[i : i + 20]):
-                self.problem(i, "a raw string literal")
-                i = self.ident(i)
-            elif ch == "`":
-                self.problem(i, "name literals and syntax quotations (`) are not allowed")
-                self.emit("symbol", i, i + 1)
-                i += 1
-            elif ch in "«»":
-                self.problem(i, "escaped identifiers «...» are not allowed")
-                self.emit("symbol", i, i + 1)
-                i += 1
-            elif is_id_first(ch):
-                i = self.ident(i)
-            elif ch in BRACKETS:
-                self.emit("bracket", i, i + 1)
-                if ch in ")]}⟩⦄" and text[i + 1 : i + 2] == "'":
-                    self.problem(i + 1, f"a `'` right after `{ch}` (a character literal, or the end of a token?)")
-                i += 1
+        text, i, n = self.text, 0, self.n
+        tokens, problem = self.tokens, self.problem
+        while i < n:
+            for match in _TOKEN.finditer(text, i):  # restarted wherever a literal or comment is skipped by hand
+                kind = match.lastgroup
+                start, end = match.span()
+                if kind == "ws":
+                    self.spaced = True
+                    if not self.line_start and "\n" in match.group():
+                        self.line_start = True
+                    continue
+                if kind == "ident":
+                    tokens.append(Token("ident", match.group(), start, end, self.spaced, self.line_start))
+                    self.spaced = self.line_start = False
+                    if text.startswith(".«", end):
+                        problem(end, "escaped identifiers «...» are not allowed")
+                    continue
+                if kind == "bracket":
+                    tokens.append(Token("bracket", match.group(), start, end, self.spaced, self.line_start))
+                    self.spaced = self.line_start = False
+                    if text.startswith("'", end) and match.group() in ")]}⟩⦄":
+                        problem(end, f"a `'` right after `{match.group()}` (a character literal, or the end of a token?)")
+                    continue
+                if kind == "sym":
+                    run = match.group()
+                    if "-" in run and (run.find("--", 1) > 0 or run.find("/-", 1) > 0):
+                        problem(start, f"a comment marker inside the symbols `{run}`")
+                    # A `'` after a token that ends in `'` belongs to it, when no character literal could start.
+                    if text.startswith("'", end) and text[end + 1 : end + 2] != "\\" and text[end + 2 : end + 3] != "'":
+                        if any((run + "'").endswith(token) for token in PRIME_TOKENS):
+                            self.emit("symbol", start, end + 1)
+                            i = end + 1
+                            break
+                    tokens.append(Token("symbol", run, start, end, self.spaced, self.line_start))
+                    self.spaced = self.line_start = False
+                    continue
+                if kind == "num":
+                    tokens.append(Token("number", match.group(), start, end, self.spaced, self.line_start))
+                    self.spaced = self.line_start = False
+                    if text.startswith("'", end):
+                        problem(end, "a `'` right after a number")
+                    continue
+                if kind == "line":
+                    self.blank.append((start, end))
+                    self.spaced = True
+                    continue
+                if kind == "tick":
+                    what = "name literals and syntax quotations (`)" if match.group() == "`" else "escaped identifiers «...»"
+                    problem(start, f"{what} are not allowed")
+                    self.emit("symbol", start, end)
+                    continue
+                if kind == "other":  # Unicode whitespace other than Lean's, or anything else
+                    ch = match.group()
+                    if ch.isspace():
+                        problem(start, f"the whitespace character U+{ord(ch):04X} (Lean reads only spaces and line breaks)")
+                    else:
+                        problem(start, f"the character U+{ord(ch):04X}")
+                    self.spaced = True
+                    continue
+                # Literals and block comments are skipped by hand; the scan restarts after them.
+                if kind == "block":
+                    i = self.comment_end(start)
+                    self.blank.append((start, i))
+                    if text.startswith(("/--", "/-!"), start):
+                        self.docs.append((start, i))
+                    self.spaced = True
+                elif kind == "str":
+                    i = self.string(start)
+                    self.emit("string", start, i)
+                elif kind == "char":
+                    i = self.prime(start)
+                    if not tokens or tokens[-1].start != start:
+                        self.emit("char", start, i)
+                else:  # raw string
+                    problem(start, "a raw string literal")
+                    self.emit("ident", start, start + 1)
+                    i = start + 1
+                break
             else:
-                if is_version_dependent(ch):
-                    self.problem(i, f"the character {ch!r} (a letter for some Lean versions only)")
-                i = self.symbols(i)
+                return
 
 
-@functools.lru_cache(maxsize=256)
-def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str]:
-    """(tokens, problems, code view) of Lean 4 source `text`; see the module docstring.
+_FIRST = (
+    "A-Za-z_\u03b1-\u03ba\u03bc-\u03c9\u0391-\u039f\u03a1\u03a2\u03a4-\u03a9\u03ca-\u03fb"
+    "\u1f00-\u1ffe\u2100-\u214f\U0001d49c-\U0001d59f"
+)  # isIdFirst: ASCII letters, `_`, isLetterLike (λ U+03BB, Π U+03A0, Σ U+03A3 excluded)
+_REST = _FIRST + "0-9'!?\u2080-\u2089\u2090-\u209c\u1d62-\u1d6a"  # isIdRest adds digits, ' ! ? and subscripts
+_TOKEN = re.compile(
+    "(?P<ws>[ \t\r\n]+)"
+    "|(?P<line>--[^\n]*)"
+    "|(?P<block>/-)"
+    '|(?P<str>")'
+    "|(?P<char>')"
+    "|(?P<num>0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[0-9][0-9_]*(?:\\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
+    '|(?P<raw>r#*")'
+    f"|(?P<ident>[{_FIRST}][{_REST}]*(?:\\.[{_FIRST}][{_REST}]*)*)"
+    "|(?P<bracket>[()\\[\\]{}⟨⟩⦃⦄,])"
+    "|(?P<tick>[`«»])"
+    f"|(?P<sym>[^\\s()\\[\\]{{}}⟨⟩⦃⦄,\"'`«»0-9{_FIRST}]+)"
+    "|(?P<other>.)",
+    re.S,
+)
+_VERSION_DEPENDENT = re.compile("[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u017f\u2c7c]")
+
+
+def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str, tuple[tuple[int, int], ...]]:
+    """(tokens, problems, code view, doc comments) of Lean 4 source `text`; see the module docstring.
 
     The code view is `text` with comments and string / character literals replaced by spaces (same length,
-    same line breaks, so offsets and line numbers carry over).
+    same line breaks, so offsets and line numbers carry over). Doc comments are (start, end) offsets of
+    `/-- ... -/` and `/-! ... -/`: for Lean they are tokens, which end the term or tactic block before them.
     """
     scanner = _Scanner(text)
     scanner.run()
@@ -318,13 +308,16 @@ def tokenize(text: str) -> tuple[tuple[Token, ...], tuple[LexProblem, ...], str]
         pieces += [text[last:start], re.sub(r"[^\n]", " ", text[start:end])]
         last = end
     pieces.append(text[last:])
+    view = "".join(pieces)
+    if letter := _VERSION_DEPENDENT.search(view):
+        scanner.problem(letter.start(), f"the character {letter.group()!r} (a letter for some Lean versions only)")
     problems = sorted(scanner.problems, key=lambda p: p.offset)
-    return tuple(scanner.tokens), tuple(problems), "".join(pieces)
+    return tuple(scanner.tokens), tuple(problems), view, tuple(scanner.docs)
 
 
 def lex(text: str) -> tuple[str, list[LexProblem]]:
     """(code view, problems) of Lean 4 source `text`; see `tokenize`."""
-    _, problems, view = tokenize(text)
+    _, problems, view, _ = tokenize(text)
     return view, list(problems)
 
 

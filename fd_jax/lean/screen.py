@@ -35,7 +35,9 @@ Inside every command body (helper bodies and the proof) tokens are banned by cla
   with sorry on some versions);
 * every `#` command (`#exit`, `#eval`, `#guard_msgs`, `#print`), attributes `@[...]` (other than before a
   helper), and all options outside `ALLOWED_OPTIONS` (`warn.sorry`, Mathlib's `suppressSorry`,
-  `debug.skipKernelTC`, `autoImplicit`, ...).
+  `debug.skipKernelTC`, `autoImplicit`, ...);
+* an `open ... in` / `set_option ... in` that ends a declaration (Lean would apply it to the next command),
+  and a doc comment `/--` / `/-!` anywhere but before a command (for Lean it ends the declaration).
 Helper declarations must not be named like the statement, and no helper's last name component may equal
 an identifier of the statement (a new constant could overload a name the statement uses).
 
@@ -60,7 +62,11 @@ import re
 
 from fd_jax.lean.lexer import Token, line_of, tokenize
 
-# The miniF2F / DeepSeek-Prover header (see ../shared/data/minif2f.jsonl); the verifiers' default.
+# The one Lean header of the package: the verifiers' default and the header given to problems without one
+# (fd_jax.data.problems). It is miniF2F's (all 488 rows of ../shared/data/minif2f.jsonl) and the one the
+# recorded Kimina Lean Workbook checks used (50 of the 51 inputs of kimina_match): `maxHeartbeats 0` lifts
+# Lean's deterministic limit, as in every published miniF2F number; the verifiers' wall-clock `timeout_s`
+# bounds each proof instead. A limit of 400000 would fail honest proofs those numbers count as solved.
 DEFAULT_HEADER = (
     "import Mathlib\nimport Aesop\n\n"
     "set_option maxHeartbeats 0\n\n"
@@ -115,6 +121,8 @@ BODY_BANNED: dict[str, str] = {
         )
     },
 }  # fmt: skip
+# Families of command keywords (`builtin_simproc`, `register_label_attr`, `declare_aesop_rule_sets`, ...).
+_COMMAND_PREFIXES = ("builtin_", "register_", "declare_", "initialize_", "run_")
 _TERM_ELABORATORS = ("eval", "type_of", "by_elab", "elab", "decl_name", "run_elab")  # `eval% ...`
 _NATIVE_NAMES = ("native_decide", "ofReduceBool", "ofReduceNat", "reduceBool", "reduceNat", "trustCompiler")
 
@@ -201,8 +209,7 @@ def _commands(tokens: tuple[Token, ...], code: str) -> list[list[Token]]:
     no indentation (nothing before it on the line in the original text)."""
     commands: list[list[Token]] = []
     for token in tokens:
-        line_begin = code.rfind("\n", 0, token.start) + 1
-        starts = token.line_start and code[line_begin : line_begin + 1] not in (" ", "\t")
+        starts = token.line_start and code[code.rfind("\n", 0, token.start) + 1] not in (" ", "\t")
         if starts or not commands:
             commands.append([])
         commands[-1].append(token)
@@ -220,9 +227,17 @@ def _commands(tokens: tuple[Token, ...], code: str) -> list[list[Token]]:
 
 
 def _is_prefix(command: list[Token]) -> bool:
+    """True if `command` is only a modifier: `set_option ... in`, `open ... in` or one attribute list `@[...]`."""
     if command[0].text in ("set_option", "open") and command[-1].text == "in":
         return True
-    return command[0].text == "@" and command[-1].text == "]"
+    if command[0].text != "@" or len(command) < 2 or command[1].text != "[":
+        return False
+    depth = 0
+    for k, token in enumerate(command[1:], 1):
+        depth += {"[": 1, "]": -1}.get(token.text, 0)
+        if depth == 0:
+            return k == len(command) - 1
+    return False
 
 
 class _Screen:
@@ -274,6 +289,8 @@ class _Screen:
         j, depth, entry_start = k + 2, 1, True
         while j < len(tokens) and depth:
             token = tokens[j]
+            if entry_start and depth == 1 and token.kind != "ident":
+                raise self.reject(token, f"an attribute must start with its name, not `{token.text}`")
             if token.text in ("[", "(", "{", "⟨"):
                 depth += 1
             elif token.text in ("]", ")", "}", "⟩"):
@@ -303,17 +320,21 @@ class _Screen:
                     _, after = self.open_names(tokens, j)
                     if after >= len(tokens) or tokens[after].text != "in":
                         raise self.reject(token, "`open` inside a declaration must be `open X in`")
+                    self.not_last(tokens, after)
                     j = after + 1
                     continue
                 if text == "set_option":
                     after = self.option(tokens, j)
                     if after >= len(tokens) or tokens[after].text != "in":
                         raise self.reject(token, "`set_option` inside a declaration must be `set_option ... in`")
+                    self.not_last(tokens, after)
                     j = after + 1
                     continue
                 for word in (text, last):
                     if word in self.banned:
                         raise self.reject(token, f"`{text}` {self.banned[word]}")
+                if text.startswith(_COMMAND_PREFIXES):
+                    raise self.reject(token, f"`{text}` {_CMD}")
                 if text.endswith("?"):
                     raise self.reject(token, f"`{text}`: search tactics (`...?`) can close goals with sorry")
                 if text == "native" and j and tokens[j - 1].text in ("+", "-") and not self.native_ok:
@@ -330,6 +351,12 @@ class _Screen:
                 if text.startswith("%") and j and tokens[j - 1].text in _TERM_ELABORATORS and not token.spaced:
                     raise self.reject(token, f"`{tokens[j - 1].text}{text}`: term elaborators are not allowed")
             j += 1
+
+    def not_last(self, tokens: list[Token], k: int) -> None:
+        """An `in` (tokens[k]) that ends a declaration would make Lean apply `open ... in` / `set_option ...
+        in` to the next command (the statement, say), while this screen read it as part of the body."""
+        if k + 1 >= len(tokens):
+            raise self.reject(tokens[k], "`... in` at the end of a declaration would modify the next command")
 
     def helper(self, command: list[Token], k: int, namespace: list[str], after_statement: bool) -> None:
         """A helper declaration whose keyword is command[k]."""
@@ -372,12 +399,13 @@ class _Screen:
                 raise self.reject(command[after], f"unexpected `{command[after].text}` after `{command[k].text}`")
         return k, opened
 
-    def run(self, tokens: tuple[Token, ...]) -> None:
+    def run(self, tokens: tuple[Token, ...], docs: tuple[tuple[int, int], ...] = ()) -> None:
         if not self.given:
             raise _Reject("", None, "the statement is empty")
         if self.name is None:
             raise _Reject("", None, "the statement must be `theorem NAME ...` or `lemma NAME ...`")
         commands = _commands(tokens, self.code)
+        self.doc_comments(tokens, docs, commands)
         while commands and commands[0][0].text == "import":
             if len(commands[0]) != 2 or commands[0][1].kind != "ident":
                 raise self.reject(commands[0][0], "`import` takes one module name")
@@ -397,6 +425,15 @@ class _Screen:
                           "token for token, outside comments and strings)")  # fmt: skip
         if blocks:
             raise self.reject(len(self.code), f"`{blocks[-1][0]} {blocks[-1][1]}` is never closed")
+
+    def doc_comments(self, tokens: tuple[Token, ...], docs: tuple[tuple[int, int], ...], commands) -> None:
+        """A doc comment (`/--`, `/-!`) is a token for Lean: inside a term or a proof it ends the command, and
+        Lean reads what follows as a new one. So one may only stand before a command (or at the end)."""
+        starts = {command[0].start for command in commands}
+        for start, end in docs:
+            following = next((t for t in tokens if t.start >= end), None)
+            if following is not None and following.start not in starts:
+                raise self.reject(start, "a doc comment (`/--`, `/-!`) inside a declaration would end it for Lean")
 
     def is_statement(self, command: list[Token]) -> bool:
         """True if `command` is the statement (after `set_option ... in` modifiers); checks its proof."""
@@ -489,7 +526,7 @@ def screen(
     """
     if not isinstance(statement, str) or not isinstance(code, str) or not isinstance(header, str):
         return f"statement and code must be strings, got {type(statement).__name__} and {type(code).__name__}"
-    tokens, problems, _ = tokenize(code)
+    tokens, problems, _, docs = tokenize(code)
     if problems:
         first = problems[0]
         return f"line {line_of(code, first.offset)}: {first.what} is not allowed in proofs"
@@ -497,7 +534,7 @@ def screen(
     if statement_problems:
         return f"the statement has {statement_problems[0].what}; it cannot be matched safely"
     try:
-        _Screen(statement, code, header, allow_native_decide).run(tokens)
+        _Screen(statement, code, header, allow_native_decide).run(tokens, docs)
     except _Reject as reject:
         return str(reject)
     return None

@@ -15,7 +15,7 @@ import pytest
 
 from fd_jax.feedback import FEEDBACK_PROMPT, FeedbackRequest, get_provider, lean_errors_text
 from fd_jax.feedback.http import retry_after_s
-from fd_jax.feedback.lean_text import _local_format_errors
+from fd_jax.lean import format_errors
 
 CODE = "theorem t (a b : ℕ) : a + b = b + a := by\n  simp [foo]\n"
 MESSAGES = [
@@ -267,17 +267,14 @@ def test_think_sections_are_dropped_from_llm_answers(serve):
     assert openai(server).feedback([REQUEST]) == ["Use `omega`."]
 
 
-def test_local_formatter_output_is_exact():
-    text = _local_format_errors(CODE, MESSAGES, max_errors=5, context_lines=1, max_chars=2000)
-    assert text == (
-        "error at line 2, column 8:\n"
-        "  unknown identifier 'foo'\n"
-        "     1 | theorem t (a b : ℕ) : a + b = b + a := by\n"
-        ">    2 |   simp [foo]\n"
-        "       |         ^^^"
-    )
-    nothing = _local_format_errors("x", [], max_errors=5, context_lines=1, max_chars=2000)
-    assert nothing == "Lean reported no errors."
+def test_lean_errors_text_is_the_lean_formatter():
+    """One formatter for the package: the feedback text is fd_jax.lean.format_errors' (tested exactly in
+    test_lean_formatting.py), and odd messages do not make it raise."""
+    assert lean_errors_text(CODE, MESSAGES) == format_errors(CODE, MESSAGES)
+    assert "Unknown identifier `foo`" in lean_errors_text(CODE, MESSAGES)
+    odd = [{"severity": "error", "pos": {"line": 2, "column": "x"}, "data": 3}, "not a message", {"pos": None}]
+    assert lean_errors_text(CODE, odd).startswith("error: line 2, column 0: 3")
+    assert lean_errors_text("x", []) == "Lean reported no errors."
 
 
 def test_lean_errors_provider_and_registry():

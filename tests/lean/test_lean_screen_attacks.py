@@ -77,6 +77,16 @@ COMMAND_ATTACKS = {
     "attribute inside a proof": (STATEMENT + "  @[simp] have := 1\n  norm_num\n", "attributes"),
     "open not in the header, scoped": ("open scoped Classical\n" + HONEST, "open Classical"),
     "partial def": ("partial def f (n : ℕ) : ℕ := f n\n" + HONEST, "partial"),
+    # Indented under a term-mode helper, `open ... in` ends the helper for Lean and modifies the statement.
+    "open in dangling at the end of a helper": (
+        "lemma aux : True := trivial\n  open scoped Classical in\n" + HONEST, "modify the next command"
+    ),
+    "set_option in dangling at the end": ("lemma aux : True := trivial\n  set_option maxHeartbeats 0 in\n" + HONEST,
+                                          "modify the next command"),
+    # For Lean `/-!` is a token: it ends the proof, and what follows is read as new commands.
+    "module doc inside a proof": (STATEMENT + "  norm_num /-! -/ open scoped Classical in\n  example : True := trivial\n",
+                                  "doc comment"),
+    "doc comment inside a helper": ("lemma aux : True := trivial /-- d -/ open Real in\n" + HONEST, "doc comment"),
     "statement split by a column-0 line": (HONEST.replace("\n  x ^ 2", "\nx ^ 2"), "not by the given statement"),
 }
 
@@ -145,6 +155,8 @@ HONEST_CASES = {  # name -> (statement, code); Lean accepts each with the defaul
     "comments and doc comments everywhere": (
         B, "/-- a doc -/\nlemma aux : True := trivial -- note\n/-! module doc -/\n" + B + "  -- sorry here is a word\n  omega\n"
     ),
+    "helper with attribute ending in a bracket": (B, "@[simp] lemma aux : (1 : ℕ) + 1 = 2 := by simp [add_comm]\n"
+                                                   + B + "  omega\n"),
     "refine with holes and factorial": (B, B + "  refine ?_\n  have : 3 ! = 6 := rfl\n  omega\n"),
 }
 

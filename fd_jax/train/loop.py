@@ -51,7 +51,7 @@ from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
 from fd_jax.tasks import get_task
-from fd_jax.rl.step import BATCH_FIELDS, TrainState, init_train_state, make_train_step
+from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                 pending = background.submit(_rollout_and_state, run, stage, snapshot, problems, step + 1,
                                             next_data_state)
             train_start = time.perf_counter()
-            batch = multihost.global_batch({k: getattr(rollout.batch, k) for k in BATCH_FIELDS}, run.mesh,
-                                           pad_id=pad_id)
+            batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)

@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
@@ -50,6 +49,7 @@ from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
+from fd_jax.rollout.sample import derive_seed
 from fd_jax.tasks import get_task
 from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
@@ -116,11 +116,6 @@ class _Run:
 
     def stage_dir(self, stage: Stage) -> pathlib.Path:
         return self.workdir / stage.subdir if stage.subdir else self.workdir
-
-
-def seed_for(seed: int, step: int) -> int:
-    """The sampler seed of a step: a function of (seed, step) only, so a resumed step samples the same."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
 
 
 def abstract_state(params: Any, optimizer, step_cfg, mesh: jax.sharding.Mesh | None) -> TrainState:
@@ -301,7 +296,7 @@ def _rollout(run: _Run, stage: Stage, params, problems: list, step: int) -> Roll
     rollouts_dir = run.workdir if multihost.is_writer() else run.workdir / "hosts" / str(jax.process_index())
     return run_rollout(problems, model=model, tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier,
                        feedback=run.feedback if stage.rollout.request_feedback else None, config=stage.rollout,
-                       generate_fn=run.generate_fn, seed=seed_for(run.cfg.seed, step), step=step, workdir=rollouts_dir)
+                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step, workdir=rollouts_dir)
 
 
 def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: int, data_state: dict):

@@ -63,7 +63,7 @@ from flax.errors import TraceContextError
 from fd_jax.models import ModelConfig, init_model
 from fd_jax.rl.optim import OptimConfig, make_optimizer
 from fd_jax.rl.batch import pack_train_batch
-from fd_jax.rl.step import BATCH_FIELDS, StepConfig, TrainState, init_train_state, make_train_step
+from fd_jax.rl.step import StepConfig, TrainState, init_train_state, make_train_step
 
 # ~22M parameters with the vocabulary-to-width ratio of real LLMs (most weights in the embeddings) and the
 # kernel shape of CALIBRATION.md (D 256, V 32768). `--narrow-vocab` gives the d 384 / V 16384 variant,
@@ -104,7 +104,7 @@ def make_batch(vocab: int, rows: int, prompt: int, reprompt: int, completion: in
         old_logprobs=[list(-np.log(vocab) + rng.normal(0.0, 0.5, len(c))) for c in completions],
         rewards_B=np.zeros(rows), advantages_B=np.zeros(rows), distill_mask_B=np.ones(rows),
         pad_id=0, pad_multiple=32)
-    return {k: jnp.asarray(getattr(batch, k)) for k in BATCH_FIELDS}
+    return {k: jnp.asarray(v) for k, v in batch.step_inputs().items()}
 
 
 def fresh_state(params, optimizer, cfg: StepConfig) -> TrainState:

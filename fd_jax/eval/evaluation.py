@@ -32,7 +32,8 @@ from fd_jax.eval import diversity
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.kernels.token_kl import token_logprobs_and_entropy
-from fd_jax.verification import VALID, ProofTask, Verdict
+from fd_jax.verification import VALID, ProofTask, Verdict, Verifier
+from fd_jax.rollout.sample import sample_chunks
 from fd_jax.rollout.sampling import bucket
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def evaluate(
     model: Any,
     tokenizer: Any,
     fmt: PromptFormat,
-    verifier: Any,
+    verifier: Verifier,
     n: int,
     ks: Sequence[int] = (1,),
     max_new_tokens: int,
@@ -175,9 +176,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Samples n completions per problem, verifies them, and reports pass@k, entropy and diversity.
 
-    fmt renders prompts and extracts `ProofTask`s; verifier has `verify_batch(tasks)` (and, optionally,
-    `submit(tasks)` returning a future, so that checking overlaps the next batch's generation).
-    generate_fn: `fd_jax.rollout.sampling.generate` by default (any function with its signature and `n=`).
+    The sampling and checking are `fd_jax.rollout.sample.sample_chunks`, as in training: fmt renders prompts
+    and extracts `ProofTask`s; the verifier's `submit` checks a batch while the next one generates.
+    generate_fn: `fd_jax.sampling.generate` by default (any function with its signature and `n=`).
     batch_problems: problems per generate call (0 = all at once); each call gets its own seed derived from
     `seed`, so a run is reproducible for a fixed batch_problems. stop_strings: passed to the sampler (with
     the tokenizer to decode). entropy: compute the teacher-forced policy entropy (needs an fd_jax model)
@@ -200,53 +201,38 @@ def evaluate(
     start = time.perf_counter()
     encode = lambda text: tokenizer.encode(text, add_special_tokens=fmt.add_special_tokens)  # noqa: E731
     prompts = [encode(fmt.render(p)) for p in problems]
-    stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    extra = {"stop_strings": tuple(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    chunk = batch_problems or len(problems)
+    chunks = sample_chunks(problems, prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+                           generate_fn=generate_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed, chunk_problems=batch_problems,
+                           stop_strings=stop_strings)
 
     completions: list[list[int]] = []
     texts: list[str] = []
     finish: list[str] = []
     tasks: list[ProofTask] = []
     token_entropy: list[np.ndarray] = []
-    pending: list[Any] = []  # per chunk: a future of verdicts, or the verdicts themselves
+    pending: list[Any] = []  # per chunk: the future of its verdicts
     generate_s = entropy_s = 0.0
     with _progress_bar(len(problems), progress) as bar:
-        for c, first in enumerate(range(0, len(problems), chunk)):
-            chunk_problems = range(first, min(first + chunk, len(problems)))
-            t0 = time.perf_counter()
-            out = generate_fn(
-                model, [prompts[p] for p in chunk_problems], n=n, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stop_ids,
-                seed=int(np.random.SeedSequence([seed, c]).generate_state(1)[0] >> 1), **extra,
-            )  # fmt: skip
-            generate_s += time.perf_counter() - t0
-            chunk_tasks, chunk_completions = [], []
-            for i in range(len(chunk_problems) * n):
-                problem = problems[first + i // n]
-                ids = np.asarray(out.tokens[i][: int(out.lengths[i])]).tolist()
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                chunk_completions.append(ids)
-                chunk_tasks.append(fmt.extract(problem, text))
-                texts.append(text)
-                finish.append(str(out.finish_reason[i]))
-            completions += chunk_completions
-            tasks += chunk_tasks
-            pending.append(verifier.submit(chunk_tasks) if hasattr(verifier, "submit") else chunk_tasks)
+        for chunk in chunks:
+            generate_s += chunk.generate_s
+            completions += chunk.completions
+            tasks += chunk.tasks
+            texts += chunk.texts
+            finish += chunk.finish
+            pending.append(chunk.verdicts)
             if entropy:
                 t0 = time.perf_counter()
-                rows = [prompts[p] for p in chunk_problems for _ in range(n)]
-                token_entropy += completion_logprobs_and_entropy(model, rows, chunk_completions,
+                rows = [prompts[p] for p in chunk.problems for _ in range(n)]
+                token_entropy += completion_logprobs_and_entropy(model, rows, chunk.completions,
                                                                  batch_rows=entropy_batch_rows)[1]
                 entropy_s += time.perf_counter() - t0
-            bar.update(len(chunk_problems))
+            bar.update(len(chunk.problems))
             if bar.disable:
-                log.info("evaluate: %d/%d problems sampled (%.1f s)", chunk_problems.stop, len(problems),
+                log.info("evaluate: %d/%d problems sampled (%.1f s)", chunk.problems.stop, len(problems),
                          time.perf_counter() - start)
         t0 = time.perf_counter()
-        verdicts: list[Verdict] = []
-        for item in pending:
-            verdicts += item.result() if hasattr(item, "result") else verifier.verify_batch(item)
+        verdicts: list[Verdict] = [v for future in pending for v in future.result()]
         verify_wait_s = time.perf_counter() - t0
 
     report = summarize(problems, n=n, ks=ks, tasks=tasks, verdicts=verdicts, completions=completions,

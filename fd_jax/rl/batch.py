@@ -5,14 +5,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+
+
+PAD_ID = "pad_id"  # a field padded with the tokenizer's pad id (known when the batch is packed or padded)
+
+
+def _field(time_axis: str | None = None, pad: int | float | str | None = None, *, step: bool = True):
+    """A TrainBatch array: `time_axis` names its padded second axis (S, U or C; None for [B] arrays), `pad`
+    the value its padding holds, `step` whether the train step reads it (BATCH_FIELDS)."""
+    return dataclasses.field(metadata=dict(time_axis=time_axis, pad=pad, step=step))
 
 
 @dataclasses.dataclass
 class TrainBatch:
     """B = P*G rollouts, row b = problem b // G, sample b % G. Padded lengths S, U, C are each the
     rollout's `pad_multiple` times 2**k or 3 * 2**k (`bucket_length`), so the jitted step sees a small known
-    set of shapes: about 2 log2(longest / pad_multiple) + 1 lengths per axis.
+    set of shapes: about 2 log2(longest / pad_multiple) + 1 lengths per axis. Each field carries its padding
+    rule (`_field`), so padding to agreed lengths (`padded`) and the step's inputs (`BATCH_FIELDS`,
+    `step_inputs`) follow from this one list; adding a field is one line here plus its packing below.
 
     student_tokens_BS: prompt + completion, right-padded with the pad id.
     student_positions_BS: 0..len-1 on tokens, -1 on padding (the model derives its attention mask from it).
@@ -23,22 +35,53 @@ class TrainBatch:
     student_index_BC / teacher_index_BC: the position in S / U whose hidden state predicts completion
       token c, i.e. prompt_len - 1 + c (clipped into range on padding, where the mask is 0).
     old_logprobs_BC: the sampler's log-probs of the completion tokens (0 on padding).
-    rewards_B, advantages_B: verifier reward and group advantage.
+    rewards_B, advantages_B: verifier reward and group advantage (the step reads only the advantage).
     distill_mask_B: 1.0 where the row has a teacher context and takes the FD loss.
     """
 
-    student_tokens_BS: np.ndarray
-    student_positions_BS: np.ndarray
-    teacher_tokens_BU: np.ndarray
-    teacher_positions_BU: np.ndarray
-    completion_tokens_BC: np.ndarray
-    completion_mask_BC: np.ndarray
-    student_index_BC: np.ndarray
-    teacher_index_BC: np.ndarray
-    old_logprobs_BC: np.ndarray
-    rewards_B: np.ndarray
-    advantages_B: np.ndarray
-    distill_mask_B: np.ndarray
+    student_tokens_BS: np.ndarray = _field("S", PAD_ID)
+    student_positions_BS: np.ndarray = _field("S", -1)
+    teacher_tokens_BU: np.ndarray = _field("U", PAD_ID)
+    teacher_positions_BU: np.ndarray = _field("U", -1)
+    completion_tokens_BC: np.ndarray = _field("C", PAD_ID)
+    completion_mask_BC: np.ndarray = _field("C", 0)
+    student_index_BC: np.ndarray = _field("C", 0)
+    teacher_index_BC: np.ndarray = _field("C", 0)
+    old_logprobs_BC: np.ndarray = _field("C", 0)
+    rewards_B: np.ndarray = _field(step=False)
+    advantages_B: np.ndarray = _field()
+    distill_mask_B: np.ndarray = _field()
+
+    def step_inputs(self) -> dict[str, np.ndarray]:
+        """The arrays the train step reads, by name (BATCH_FIELDS)."""
+        return {name: getattr(self, name) for name in BATCH_FIELDS}
+
+    def lengths(self) -> dict[str, int]:
+        """The padded length of each time axis: {"S": ..., "U": ..., "C": ...}."""
+        return {f.metadata["time_axis"]: getattr(self, f.name).shape[1] for f in _padded_fields()}
+
+    def padded(self, lengths: dict[str, int], *, pad_id: int) -> TrainBatch:
+        """The batch with each time axis right-padded to `lengths[axis]` (>= its length) by the fields'
+        rules; padding is masked out, so the step's result does not change."""
+        arrays = {}
+        for f in _padded_fields():
+            x, axis, pad = getattr(self, f.name), f.metadata["time_axis"], f.metadata["pad"]
+            fill = pad_id if pad == PAD_ID else pad
+            arrays[f.name] = np.pad(x, ((0, 0), (0, lengths[axis] - x.shape[1])), constant_values=fill)
+        return dataclasses.replace(self, **arrays)
+
+
+# One pytree: jax.tree.map / device_put take the whole batch (every field is an array leaf).
+jax.tree_util.register_dataclass(TrainBatch, data_fields=[f.name for f in dataclasses.fields(TrainBatch)],
+                                 meta_fields=[])
+
+
+def _padded_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainBatch) if f.metadata["time_axis"] is not None]
+
+
+# The names of the arrays the train step reads (`fd_jax.rl.step.make_train_step`'s `batch` keys).
+BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(TrainBatch) if f.metadata["step"])
 
 
 def round_up(n: int, multiple: int) -> int:

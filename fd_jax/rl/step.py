@@ -44,16 +44,12 @@ from flax import nnx
 from fd_jax.rl import losses
 from fd_jax.config.schema import KERNEL_PASSES, TEACHERS, StepConfig  # noqa: F401  (re-exported)
 from fd_jax.kernels import token_kl, token_loss
+from fd_jax.rl.batch import BATCH_FIELDS
 
 # (mesh, axis names) over which the batch rows are split: the kernels then run on each device's rows
 # (`_over_tokens`). None: they see all rows at once.
 TokenAxes = tuple[jax.sharding.Mesh, tuple[str, ...]] | None
 
-BATCH_FIELDS = (
-    "student_tokens_BS", "student_positions_BS", "teacher_tokens_BU", "teacher_positions_BU",
-    "completion_tokens_BC", "completion_mask_BC", "student_index_BC", "teacher_index_BC",
-    "old_logprobs_BC", "advantages_B", "distill_mask_B",
-)
 
 
 class TrainState(NamedTuple):

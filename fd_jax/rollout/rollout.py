@@ -1,8 +1,9 @@
-"""One rollout step: sample -> extract -> screen -> verify -> feedback -> teacher reprompts -> TrainBatch.
+"""One rollout step: sample -> extract -> verify -> feedback -> teacher reprompts -> TrainBatch.
 
-Generation runs chunk by chunk in the calling thread. As soon as a chunk is generated its proofs go to
-the verifier (its `submit` when it has one) and a host thread waits for the verdicts and asks the feedback
-provider about the failures, so verification and feedback of chunk i overlap generation of chunk i+1.
+Generation runs chunk by chunk in the calling thread (`fd_jax.rollout.sample.sample_chunks`). As soon as a
+chunk is generated its proofs go to the verifier (`submit`) and a host thread waits for the verdicts and
+asks the feedback provider about the failures, so verification and feedback of chunk i overlap generation
+of chunk i+1.
 Every rollout is appended to `{workdir}/rollouts.jsonl`.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import inspect
 import json
 import pathlib
 import time
@@ -25,7 +25,8 @@ from fd_jax.data.prompts import PromptFormat
 from fd_jax.config.schema import RolloutConfig
 from fd_jax.data.reprompt import build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
-from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict
+from fd_jax.rollout.sample import SampledChunk, sample_chunks
+from fd_jax.verification import VALID, ProofTask, Verdict, Verifier
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
 
 __all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
@@ -60,59 +61,30 @@ def feedback_messages(verdict: Verdict) -> list[dict[str, Any]]:
 
 
 @dataclasses.dataclass
-class _Chunk:
-    """Rows of one generate call, and what the host thread found out about them."""
+class _Checked:
+    """What the host thread found out about one chunk: its verdicts (row order), the feedback on its
+    failures (row b -> text) and how long each took."""
 
-    rows: list[int]
-    tasks: list[ProofTask]
-    submitted: float = 0.0  # perf_counter() when its proofs went to the verifier
-    verdicts: list[Verdict] = dataclasses.field(default_factory=list)
-    feedback: dict[int, str] = dataclasses.field(default_factory=dict)  # row -> text
-    verify_s: float = 0.0
-    feedback_s: float = 0.0
+    verdicts: list[Verdict]
+    feedback: dict[int, str]
+    verify_s: float
+    feedback_s: float
 
 
-def _check_chunk(
-    chunk: _Chunk,
-    screened: dict[int, Verdict],
-    pending: concurrent.futures.Future | None,
-    verifier: Any,
-    provider: FeedbackProvider | None,
-) -> _Chunk:
-    """Host thread: collect the verdicts of a chunk, then ask for feedback on its failures."""
-    to_check = [i for i in range(len(chunk.rows)) if i not in screened]
-    if pending is not None:
-        checked = pending.result()
-    else:
-        checked = verifier.verify_batch([chunk.tasks[i] for i in to_check]) if to_check else []
-    verdicts = dict(screened)
-    verdicts.update(zip(to_check, checked))
-    chunk.verdicts = [verdicts[i] for i in range(len(chunk.rows))]
-    chunk.verify_s = time.perf_counter() - chunk.submitted
-    failed = [i for i, v in enumerate(chunk.verdicts) if v.status != VALID]
+def _check_chunk(chunk: SampledChunk, provider: FeedbackProvider | None) -> _Checked:
+    """Host thread: wait for the verdicts of a chunk, then ask for feedback on its failures."""
+    verdicts = chunk.verdicts.result()
+    verify_s = time.perf_counter() - chunk.submitted
+    failed = [i for i, v in enumerate(verdicts) if v.status != VALID]
+    feedback, feedback_s = {}, 0.0
     if provider is not None and failed:
         start = time.perf_counter()
-        requests = [
-            FeedbackRequest(chunk.tasks[i].statement, chunk.tasks[i].code, feedback_messages(chunk.verdicts[i]))
-            for i in failed
-        ]
+        requests = [FeedbackRequest(chunk.tasks[i].statement, chunk.tasks[i].code, feedback_messages(verdicts[i]))
+                    for i in failed]
         texts = provider.feedback(requests)
-        chunk.feedback = {chunk.rows[i]: text for i, text in zip(failed, texts)}
-        chunk.feedback_s = time.perf_counter() - start
-    return chunk
-
-
-def _takes_n(generate_fn: Callable[..., Any]) -> bool:
-    """Whether generate_fn samples n completions per prompt itself (one prefill per prompt, not per row)."""
-    try:
-        return "n" in inspect.signature(generate_fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _row(seq: Any, i: int, n: int) -> list:
-    """Row i's first n entries as Python scalars (from a numpy array or nested lists)."""
-    return np.asarray(seq[i][:n]).tolist()
+        feedback = {chunk.rows[i]: text for i, text in zip(failed, texts)}
+        feedback_s = time.perf_counter() - start
+    return _Checked(verdicts, feedback, verify_s, feedback_s)
 
 
 @dataclasses.dataclass
@@ -136,70 +108,39 @@ def _sample_and_check(
     model: Any,
     tokenizer: Any,
     fmt: PromptFormat,
-    verifier: Any,
+    verifier: Verifier,
     provider: FeedbackProvider | None,
     config: RolloutConfig,
     generate_fn: Callable[..., Any],
-    screen_fn: Callable[[str, str], str | None] | None,
     seed: int,
 ) -> _Samples:
-    """Generate chunk by chunk; each chunk's verification and feedback run on a host thread meanwhile."""
-    G, P = config.num_generations, len(problems)
-    B = P * G
+    """`sample_chunks`, with each chunk's verdicts and feedback collected on a host thread meanwhile."""
+    B = len(problems) * config.num_generations
     none: list = [None] * B
     s = _Samples([[]] * B, [[]] * B, [""] * B, [""] * B, list(none), list(none), {}, {})
-    stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-    chunk_size = config.chunk_problems or P
-    per_prompt = G > 1 and _takes_n(generate_fn)
     generate_s, checks = 0.0, []
+    chunks = sample_chunks(problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+                           generate_fn=generate_fn, n=config.num_generations, max_new_tokens=config.max_new_tokens,
+                           temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=seed,
+                           chunk_problems=config.chunk_problems)
     with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollout-host") as host:
-        for c, first in enumerate(range(0, P, chunk_size)):
-            chunk_problems = range(first, min(P, first + chunk_size))
-            rows = [p * G + g for p in chunk_problems for g in range(G)]
-            start = time.perf_counter()
-            if per_prompt:
-                prompts, extra = [student_prompts[p] for p in chunk_problems], {"n": G}
-            else:
-                prompts, extra = [student_prompts[b // G] for b in rows], {}
-            out = generate_fn(
-                model,
-                prompts,
-                **extra,
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                top_k=config.top_k,
-                stop_token_ids=stop_ids,
-                seed=int(np.random.SeedSequence([seed, c]).generate_state(1)[0] >> 1),
-            )
-            generate_s += time.perf_counter() - start
-            chunk, screened = _Chunk(rows=rows, tasks=[]), {}
-            for i, b in enumerate(rows):
-                n = int(out.lengths[i])
-                s.completions[b] = _row(out.tokens, i, n)
-                s.logprobs[b] = _row(out.logprobs, i, n)
-                s.finish[b] = str(out.finish_reason[i])
-                s.texts[b] = tokenizer.decode(s.completions[b], skip_special_tokens=True)
-                s.tasks[b] = fmt.extract(problems[b // G], s.texts[b])
-                chunk.tasks.append(s.tasks[b])
-                reason = screen_fn(s.tasks[b].statement, s.tasks[b].code) if screen_fn else None
-                if reason is not None:
-                    screened[i] = Verdict(REJECTED, [], 0.0, reason=reason)
-            to_check = [chunk.tasks[i] for i in range(len(rows)) if i not in screened]
-            chunk.submitted = time.perf_counter()
-            pending = verifier.submit(to_check) if to_check and hasattr(verifier, "submit") else None
-            checks.append(host.submit(_check_chunk, chunk, screened, pending, verifier, provider))
+        for chunk in chunks:
+            generate_s += chunk.generate_s
+            for i, b in enumerate(chunk.rows):
+                s.completions[b], s.logprobs[b] = chunk.completions[i], chunk.logprobs[i]
+                s.texts[b], s.finish[b], s.tasks[b] = chunk.texts[i], chunk.finish[i], chunk.tasks[i]
+            checks.append((chunk.rows, host.submit(_check_chunk, chunk, provider)))
         start = time.perf_counter()
-        chunks = [f.result() for f in checks]
+        checked = [(rows, future.result()) for rows, future in checks]
         wait_s = time.perf_counter() - start
-    for chunk in chunks:
-        for b, verdict in zip(chunk.rows, chunk.verdicts):
+    for rows, result in checked:
+        for b, verdict in zip(rows, result.verdicts):
             s.verdicts[b] = verdict
-        s.feedback.update(chunk.feedback)
+        s.feedback.update(result.feedback)
     s.timings = {
         "generate_s": generate_s,
-        "verify_s": sum(ch.verify_s for ch in chunks),
-        "feedback_s": sum(ch.feedback_s for ch in chunks),
+        "verify_s": sum(result.verify_s for _, result in checked),
+        "feedback_s": sum(result.feedback_s for _, result in checked),
         "wait_s": wait_s,
     }
     return s
@@ -249,23 +190,20 @@ def run_rollout(
     model: Any,
     tokenizer: Any,
     fmt: PromptFormat,
-    verifier: Any,
+    verifier: Verifier,
     feedback: FeedbackProvider | None,
     config: RolloutConfig,
     generate_fn: Callable[..., Any] | None = None,
-    screen_fn: Callable[[str, str], str | None] | None = None,
     seed: int = 0,
     step: int = 0,
     workdir: str | pathlib.Path | None = None,
 ) -> RolloutResult:
     """Roll out P problems x G samples and build the `TrainBatch` (rows b = p * G + g).
 
-    generate_fn: `fd_jax.rollout.sampling.generate` by default (§4 signature; `SampleOutput` rows with tokens,
-      logprobs, lengths, finish_reason). When it takes `n`, each prompt goes once with n=G (rows
-      prompt-major), else every row's prompt is passed. verifier: `verify_batch(tasks)`, optionally
-      `submit(tasks)`.
+    generate_fn: `fd_jax.sampling.generate` by default, or any function with its signature: each prompt goes
+      once with n=G (`SampleOutput` rows prompt-major, with tokens, logprobs, lengths, finish_reason).
+    verifier: the task's `Verifier` (`fd_jax.verification`); it screens what it will not run itself.
     feedback: asked about failed rollouts when `config.request_feedback`; None = no feedback.
-    screen_fn(statement, code) -> reason | None: rejected proofs never reach the verifier.
     The verifier's and provider's own failures arrive as verdicts / fallback texts; an exception here
     means a bug or a misconfiguration (e.g. an empty prompt).
     """
@@ -280,7 +218,7 @@ def run_rollout(
     provider = feedback if config.request_feedback else None
     s = _sample_and_check(
         problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
-        provider=provider, config=config, generate_fn=generate_fn, screen_fn=screen_fn, seed=seed,
+        provider=provider, config=config, generate_fn=generate_fn, seed=seed,
     )
 
     start = time.perf_counter()

@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
@@ -51,8 +50,9 @@ from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
+from fd_jax.rollout.sample import derive_seed
 from fd_jax.tasks import get_task
-from fd_jax.rl.step import BATCH_FIELDS, TrainState, init_train_state, make_train_step
+from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,6 @@ class _Run:
 
     def stage_dir(self, stage: Stage) -> pathlib.Path:
         return self.workdir / stage.subdir if stage.subdir else self.workdir
-
-
-def seed_for(seed: int, step: int) -> int:
-    """The sampler seed of a step: a function of (seed, step) only, so a resumed step samples the same."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
 
 
 def abstract_state(params: Any, optimizer, step_cfg, mesh: jax.sharding.Mesh | None) -> TrainState:
@@ -310,7 +305,7 @@ def _rollout(run: _Run, stage: Stage, params, problems: list, step: int) -> Roll
     rollouts_dir = run.workdir if multihost.is_writer() else run.workdir / "hosts" / str(jax.process_index())
     return run_rollout(problems, model=model, tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier,
                        feedback=run.feedback if stage.rollout.request_feedback else None, config=stage.rollout,
-                       generate_fn=run.generate_fn, seed=seed_for(run.cfg.seed, step), step=step, workdir=rollouts_dir)
+                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step, workdir=rollouts_dir)
 
 
 def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: int, data_state: dict):
@@ -347,8 +342,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                 pending = background.submit(_rollout_and_state, run, stage, snapshot, problems, step + 1,
                                             next_data_state)
             train_start = time.perf_counter()
-            batch = multihost.global_batch({k: getattr(rollout.batch, k) for k in BATCH_FIELDS}, run.mesh,
-                                           pad_id=pad_id)
+            batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)

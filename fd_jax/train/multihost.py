@@ -15,15 +15,7 @@ import jax
 import numpy as np
 
 from fd_jax import sharding as sharding_lib
-
-# TrainBatch field -> (time axis name, padding value) for agreeing on one padded shape across hosts.
-_PAD = {
-    "student_tokens_BS": ("S", None), "student_positions_BS": ("S", -1),
-    "teacher_tokens_BU": ("U", None), "teacher_positions_BU": ("U", -1),
-    "completion_tokens_BC": ("C", None), "completion_mask_BC": ("C", 0), "student_index_BC": ("C", 0),
-    "teacher_index_BC": ("C", 0), "old_logprobs_BC": ("C", 0),
-}  # fmt: skip
-
+from fd_jax.rl.batch import TrainBatch
 
 def is_writer() -> bool:
     """Whether this process writes logs, plots and exports (process 0)."""
@@ -56,18 +48,16 @@ def reduce_scalars(values: Mapping[str, float], how: Mapping[str, str]) -> dict[
     return {k: float(table[:, j].max() if how.get(k) == "max" else table[:, j].sum()) for j, k in enumerate(keys)}
 
 
-def global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, *, pad_id: int) -> dict[str, jax.Array]:
-    """The step's batch as global arrays with rows over the mesh's batch axes. With several hosts, each
-    host's rows are padded to the longest S, U, C of any host first (padding is masked out)."""
+def global_batch(batch: TrainBatch, mesh: jax.sharding.Mesh, *, pad_id: int) -> dict[str, jax.Array]:
+    """The step's inputs (`TrainBatch.step_inputs`) as global arrays with rows over the mesh's batch axes.
+    With several hosts, each host's rows are padded to the longest S, U, C of any host first (by the
+    batch's own padding rules; padding is masked out)."""
     if jax.process_count() == 1:
-        return sharding_lib.shard_batch(dict(batch), mesh)
-    local = {k: np.asarray(v) for k, v in batch.items()}
-    lengths = {axis: max(local[k].shape[1] for k, (a, _) in _PAD.items() if a == axis) for axis in "SUC"}
-    agreed = dict(zip("SUC", _allgather(np.array([lengths[a] for a in "SUC"])).max(axis=0).tolist()))
-    for key, (axis, value) in _PAD.items():
-        x = local[key]
-        fill = pad_id if value is None else value
-        local[key] = np.pad(x, ((0, 0), (0, agreed[axis] - x.shape[1])), constant_values=fill)
+        return sharding_lib.shard_batch(batch.step_inputs(), mesh)
+    mine = batch.lengths()
+    axes = sorted(mine)
+    agreed = dict(zip(axes, _allgather(np.array([mine[a] for a in axes])).max(axis=0).tolist()))
+    local = batch.padded(agreed, pad_id=pad_id).step_inputs()
     return {
         k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, v.ndim), v)
         for k, v in local.items()

@@ -265,3 +265,24 @@ def test_one_pass_kernel_gives_the_two_pass_loss_gradients_and_metrics(setup, ov
 def test_one_pass_needs_token_level_ratios():
     with pytest.raises(ValueError, match="kernel_passes = 'one': needs importance_sampling_level='token'"):
         StepConfig(kernel_passes="one", importance_sampling_level="sequence")
+
+
+def test_batch_padded_by_its_own_rules_trains_the_same(setup):
+    """What multihost.global_batch does across hosts: every time axis padded further by TrainBatch.padded.
+    The padding is masked out, so the step's loss and gradient norm do not move (grpo and seq_mean do not
+    depend on C)."""
+    graphdef, params, _ = setup
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(1, 61, 4)) for _ in range(4)]
+    completions = [list(rng.integers(1, 61, n)) for n in (3, 5, 2, 7)]
+    batch = pack_train_batch(
+        student_prompts=prompts, teacher_prompts=[p + [7, 8, 9] for p in prompts], completions=completions,
+        old_logprobs=[list(rng.normal(-4.0, 0.3, len(c))) for c in completions], rewards_B=np.zeros(4),
+        advantages_B=rng.normal(size=4), distill_mask_B=np.array([1.0, 0.0, 1.0, 1.0]), pad_id=0, pad_multiple=8)
+    wider = batch.padded({axis: n + 8 for axis, n in batch.lengths().items()}, pad_id=0)
+    assert {k: v.shape[1] for k, v in wider.step_inputs().items() if v.ndim == 2} != {
+        k: v.shape[1] for k, v in batch.step_inputs().items() if v.ndim == 2}
+    step, optimizer = cached_step(graphdef, SHARED_CFG)
+    metrics = [step(_state(params, SHARED_CFG, optimizer=optimizer)[0], b.step_inputs())[1] for b in (batch, wider)]
+    for key in ("loss", "kl_mean", "grad_norm"):
+        np.testing.assert_allclose(float(metrics[1][key]), float(metrics[0][key]), rtol=2e-5, atol=1e-7)

@@ -17,6 +17,7 @@ from fd_jax.feedback import get_provider
 from fd_jax.rollout.rollout import RolloutConfig, run_rollout
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticVerifier, answer_of, make_problems
 from fd_jax.rl.batch import bucket_length, pack_train_batch
+from fd_jax.verification import REJECTED, Verdict
 
 TOKENIZER = build_char_tokenizer()
 FMT = ArithmeticFormat()
@@ -27,10 +28,11 @@ def scripted_generate(answer_for, *, delay_s=0.0, calls=None):
     or is cut at max_new_tokens (finish_reason "length"). Log-probs are -(token id)/100, so they can be
     traced back to their token."""
 
-    def generate(model, prompts, *, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed):
+    def generate(model, prompts, *, n=1, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed):
         if calls is not None:
             calls.append(time.monotonic())
         time.sleep(delay_s)
+        prompts = [prompt for prompt in prompts for _ in range(n)]  # rows prompt-major, as the sampler's
         tokens_BT = np.zeros((len(prompts), max_new_tokens), np.int32)
         logprobs_BT = np.zeros((len(prompts), max_new_tokens), np.float32)
         lengths, finish = [], []
@@ -185,21 +187,16 @@ def test_verification_overlaps_generation():
     assert result.timings["wait_s"] < 0.4  # only the last chunk's checks are left after generation
 
 
-def test_screened_proofs_skip_the_verifier_and_get_the_reason_as_feedback():
-    class CountingVerifier(ArithmeticVerifier):
-        seen: list = []
+def test_rejected_proofs_get_the_reason_as_feedback():
+    class ScreeningVerifier(ArithmeticVerifier):
+        """Rejects before checking, as the Lean verifiers screen proofs they will not run."""
 
-        def verify_batch(self, tasks):
-            self.seen.extend(t.code for t in tasks)
-            return super().verify_batch(tasks)
+        def verify(self, task):
+            return Verdict(REJECTED, reason="answers must not be 3") if task.code == "3" else super().verify(task)
 
     problems = [Problem("a", "Compute 1 + 1.")]
     config = RolloutConfig(num_generations=2, max_new_tokens=6, pad_multiple=8)
-    screen = lambda statement, code: "answers must not be 3" if code == "3" else None  # noqa: E731
-    verifier = CountingVerifier()
-    result = rollout(problems, scripted_generate(lambda s, i: ["2", "3"][i]), config, verifier=verifier,
-                     screen_fn=screen)
-    assert verifier.seen == ["2"]
+    result = rollout(problems, scripted_generate(lambda s, i: ["2", "3"][i]), config, verifier=ScreeningVerifier())
     assert [r["status"] for r in result.records] == ["valid", "rejected"]
     assert "answers must not be 3" in result.records[1]["feedback"]
 

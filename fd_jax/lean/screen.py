@@ -75,9 +75,10 @@ DEFAULT_HEADER = (
 
 # Declarations allowed as helpers (before or after the statement), and their allowed modifiers.
 HELPER_KEYWORDS = {"theorem", "lemma", "def", "abbrev", "structure", "inductive", "example"}
-HELPER_MODIFIERS = frozenset({"private", "protected", "noncomputable"})
+HELPER_MODIFIERS = {"private", "protected", "noncomputable"}
 # Attributes with no effect on what is proved (others can register elaborators, tactics, instances,
-# simprocs or compiler overrides such as `csimp`, which hides sorryAx behind ofReduceBool).
+# simprocs or compiler overrides such as `csimp`, which hides sorryAx behind ofReduceBool). `local` is the
+# attribute kind of `@[local simp]` (the name after it is checked too); `scoped` is not allowed.
 INERT_ATTRIBUTES = set(
     {
         "simp", "simps", "reducible", "irreducible", "semireducible", "inline", "noinline", "specialize",
@@ -117,7 +118,7 @@ BODY_BANNED: dict[str, str] = {
             "suppress_compilation", "unsuppress_compilation", "compile_inductive", "register_simp_attr",
             "initialize_simps_projections", "assert_not_exists", "library_note", "add_aesop_rules",
             "declare_aesop_rule_sets", "grind_pattern", "recall", "register_option", "declare_config_elab",
-            "open_locale", "eval%", "library_search",
+            "open_locale", "library_search",
         )
     },
 }  # fmt: skip
@@ -138,10 +139,13 @@ class _Reject(Exception):
         super().__init__(f"line {line_of(code, offset)}: {why}")
 
 
+_IMPORT_LINE = re.compile(r"\s*import\s+(?:runtime\s+)?[^\s]+")
+
+
 def leading_import_end(view: str) -> int:
     """Offset where the leading `import` lines of a code view end (0 if there are none)."""
     end = 0
-    while match := re.compile(r"\s*import\s+(?:runtime\s+)?[^\s]+").match(view, end):
+    while match := _IMPORT_LINE.match(view, end):
         end = match.end()
     return end
 

@@ -346,9 +346,9 @@ class _Screen:
                 if text == "native" and j + 1 < len(tokens) and tokens[j + 1].text == ":=" and not self.native_ok:
                     raise self.reject(token, f"`native := ...` {_NATIVE}")
             elif token.kind == "symbol":
-                if "#" in text and j + 1 < len(tokens) and tokens[j + 1].kind == "ident" and not tokens[j + 1].spaced:
-                    if text.endswith("#"):
-                        raise self.reject(token, f"`#{tokens[j + 1].text}`: `#` commands are not allowed")
+                glued = j + 1 < len(tokens) and tokens[j + 1].kind == "ident" and not tokens[j + 1].spaced
+                if glued and text.endswith("#"):
+                    raise self.reject(token, f"`#{tokens[j + 1].text}`: `#` commands are not allowed")
                 if text.endswith("@") and j + 1 < len(tokens) and tokens[j + 1].text == "[":
                     if not tokens[j + 1].spaced:
                         raise self.reject(token, "attributes `@[...]` are not allowed inside a declaration")
@@ -425,8 +425,8 @@ class _Screen:
                 continue
             self.command(command, blocks, after_statement=seen)
         if not seen:
-            raise _Reject("", None, "the code does not contain the given statement as a top-level command (matched "
-                          "token for token, outside comments and strings)")  # fmt: skip
+            raise _Reject("", None, "the code does not contain the given statement as a top-level command "
+                          "(matched token for token, outside comments and strings)")  # fmt: skip
         if blocks:
             raise self.reject(len(self.code), f"`{blocks[-1][0]} {blocks[-1][1]}` is never closed")
 

@@ -4,7 +4,8 @@
    (screening, JSON, pipes, queue, the axiom audit's second round trip, the stand-in's own parsing).
    Target: <= 2 ms per proof. The proofs are the 51 real Lean Workbook proofs of
    ../shared/data/kimina_match (about 1.2 kB each) when that folder exists, else a short one; the time
-   `screen` alone takes on them is reported too.
+   `screen` alone takes on them is reported too, and how many of them it rejects (false positives: a Kimina
+   server accepted all but one, which timed out).
 2. Scaling: a stand-in that burns a fixed CPU time per proof; throughput with 1 and 2 workers against the
    ideal (workers / burn time), as an efficiency.
 
@@ -49,6 +50,13 @@ def _real_proofs() -> list[ProofTask]:
             code = source[len(DEFAULT_HEADER) :]
             tasks.append(ProofTask(re.search(r"theorem\s.*?:=\s*by", code, re.S).group(0), code))
     return tasks or [ProofTask(STATEMENT, CODE)]
+
+
+def _screen_false_positives(tasks: list[ProofTask]) -> dict[str, object]:
+    """How many of the real proofs (all accepted by a real Kimina server) the screen rejects, and why."""
+    rejected = {task.statement.split()[1]: reason for task in tasks if (reason := screen(task.statement, task.code))}
+    return {"real_proofs": len(tasks), "rejected": len(rejected), "rate": round(len(rejected) / len(tasks), 4),
+            "reasons": rejected}  # fmt: skip
 
 
 def _screen_ms(tasks: list[ProofTask], reps: int) -> float:
@@ -111,6 +119,7 @@ def main() -> None:
                                "note": "2 REPL round trips per proof (the proof, then the axiom audit)"},
         "overhead_2_workers_no_audit": overhead_no_audit,
         "screen_ms_per_proof": _screen_ms(proofs, args.reps),
+        "screen_false_positives": _screen_false_positives(proofs),
         "proofs": f"{len(proofs)} kimina_match proofs" if len(proofs) > 1 else "one synthetic proof",
         "scaling": {"burn_ms_per_proof": args.burn_ms, **scaling},
         "kimina_published": KIMINA,

@@ -164,7 +164,8 @@ class KiminaVerifier(ThreadedVerifier):
         verdict = kimina_verdict(result, line_offset=line_offset)
         if name and isinstance(result, dict) and isinstance(result.get("response"), dict):
             audit = [m for m in verdict.messages if (m.get("pos") or {}).get("line") == audit_line]
-            verdict.messages = [m for m in verdict.messages if m not in audit]
+            # The audit's report leaves the messages; an error there (the proof ran into the query) stays.
+            verdict.messages = [m for m in verdict.messages if m not in audit or m.get("severity") == "error"]
             override = audit_verdict(name, {"messages": audit}, allow_native_decide=self.allow_native_decide)
             if verdict.status == VALID and override is not None:
                 verdict = dataclasses.replace(override, messages=verdict.messages + override.messages,

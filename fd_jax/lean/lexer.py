@@ -208,14 +208,15 @@ class _Scanner:
                     tokens.append(Token("bracket", match.group(), start, end, self.spaced, self.line_start))
                     self.spaced = self.line_start = False
                     if text.startswith("'", end) and match.group() in ")]}⟩⦄":
-                        problem(end, f"a `'` right after `{match.group()}` (a character literal, or the end of a token?)")
+                        problem(end, f"a `'` right after `{match.group()}` (a character literal or a token's end?)")
                     continue
                 if kind == "sym":
                     run = match.group()
                     if "-" in run and (run.find("--", 1) > 0 or run.find("/-", 1) > 0):
                         problem(start, f"a comment marker inside the symbols `{run}`")
                     # A `'` after a token that ends in `'` belongs to it, when no character literal could start.
-                    if text.startswith("'", end) and text[end + 1 : end + 2] != "\\" and text[end + 2 : end + 3] != "'":
+                    no_char = text[end + 1 : end + 2] != "\\" and text[end + 2 : end + 3] != "'"
+                    if text.startswith("'", end) and no_char:
                         if any((run + "'").endswith(token) for token in PRIME_TOKENS):
                             self.emit("symbol", start, end + 1)
                             i = end + 1
@@ -234,14 +235,14 @@ class _Scanner:
                     self.spaced = True
                     continue
                 if kind == "tick":
-                    what = "name literals and syntax quotations (`)" if match.group() == "`" else "escaped identifiers «...»"
+                    what = "name literals and syntax quotations (`)" if match.group() == "`" else "escaped identifiers"
                     problem(start, f"{what} are not allowed")
                     self.emit("symbol", start, end)
                     continue
                 if kind == "other":  # Unicode whitespace other than Lean's, or anything else
                     ch = match.group()
                     if ch.isspace():
-                        problem(start, f"the whitespace character U+{ord(ch):04X} (Lean reads only spaces and line breaks)")
+                        problem(start, f"the whitespace character U+{ord(ch):04X} (Lean reads spaces and line breaks)")
                     else:
                         problem(start, f"the character U+{ord(ch):04X}")
                     self.spaced = True

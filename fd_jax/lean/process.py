@@ -195,7 +195,7 @@ class ReplProcess:
                     continue
                 try:
                     answer = json.loads(chunk)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
                     raise ReplCrashed(f"the REPL printed something not JSON: {chunk[:200]!r}") from None
                 if not isinstance(answer, dict):
                     raise ReplCrashed(f"the REPL printed a JSON {type(answer).__name__}, not an object")

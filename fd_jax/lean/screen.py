@@ -75,9 +75,10 @@ DEFAULT_HEADER = (
 
 # Declarations allowed as helpers (before or after the statement), and their allowed modifiers.
 HELPER_KEYWORDS = {"theorem", "lemma", "def", "abbrev", "structure", "inductive", "example"}
-HELPER_MODIFIERS = frozenset({"private", "protected", "noncomputable"})
+HELPER_MODIFIERS = {"private", "protected", "noncomputable"}
 # Attributes with no effect on what is proved (others can register elaborators, tactics, instances,
-# simprocs or compiler overrides such as `csimp`, which hides sorryAx behind ofReduceBool).
+# simprocs or compiler overrides such as `csimp`, which hides sorryAx behind ofReduceBool). `local` is the
+# attribute kind of `@[local simp]` (the name after it is checked too); `scoped` is not allowed.
 INERT_ATTRIBUTES = set(
     {
         "simp", "simps", "reducible", "irreducible", "semireducible", "inline", "noinline", "specialize",
@@ -117,7 +118,7 @@ BODY_BANNED: dict[str, str] = {
             "suppress_compilation", "unsuppress_compilation", "compile_inductive", "register_simp_attr",
             "initialize_simps_projections", "assert_not_exists", "library_note", "add_aesop_rules",
             "declare_aesop_rule_sets", "grind_pattern", "recall", "register_option", "declare_config_elab",
-            "open_locale", "eval%", "library_search",
+            "open_locale", "library_search",
         )
     },
 }  # fmt: skip
@@ -138,10 +139,13 @@ class _Reject(Exception):
         super().__init__(f"line {line_of(code, offset)}: {why}")
 
 
+_IMPORT_LINE = re.compile(r"\s*import\s+(?:runtime\s+)?[^\s]+")
+
+
 def leading_import_end(view: str) -> int:
     """Offset where the leading `import` lines of a code view end (0 if there are none)."""
     end = 0
-    while match := re.compile(r"\s*import\s+(?:runtime\s+)?[^\s]+").match(view, end):
+    while match := _IMPORT_LINE.match(view, end):
         end = match.end()
     return end
 
@@ -342,9 +346,9 @@ class _Screen:
                 if text == "native" and j + 1 < len(tokens) and tokens[j + 1].text == ":=" and not self.native_ok:
                     raise self.reject(token, f"`native := ...` {_NATIVE}")
             elif token.kind == "symbol":
-                if "#" in text and j + 1 < len(tokens) and tokens[j + 1].kind == "ident" and not tokens[j + 1].spaced:
-                    if text.endswith("#"):
-                        raise self.reject(token, f"`#{tokens[j + 1].text}`: `#` commands are not allowed")
+                glued = j + 1 < len(tokens) and tokens[j + 1].kind == "ident" and not tokens[j + 1].spaced
+                if glued and text.endswith("#"):
+                    raise self.reject(token, f"`#{tokens[j + 1].text}`: `#` commands are not allowed")
                 if text.endswith("@") and j + 1 < len(tokens) and tokens[j + 1].text == "[":
                     if not tokens[j + 1].spaced:
                         raise self.reject(token, "attributes `@[...]` are not allowed inside a declaration")
@@ -421,8 +425,8 @@ class _Screen:
                 continue
             self.command(command, blocks, after_statement=seen)
         if not seen:
-            raise _Reject("", None, "the code does not contain the given statement as a top-level command (matched "
-                          "token for token, outside comments and strings)")  # fmt: skip
+            raise _Reject("", None, "the code does not contain the given statement as a top-level command "
+                          "(matched token for token, outside comments and strings)")  # fmt: skip
         if blocks:
             raise self.reject(len(self.code), f"`{blocks[-1][0]} {blocks[-1][1]}` is never closed")
 

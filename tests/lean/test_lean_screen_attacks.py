@@ -209,3 +209,16 @@ def test_allow_list_can_be_extended():
         ALLOWED_OPTIONS.discard("tactic.skipAssignedInstances")
         HELPER_KEYWORDS.discard("irreducible_def")
     assert screen(STATEMENT, code) is not None
+
+
+def test_scanner_classes_agree_with_the_character_functions():
+    """The tokenizer's regular expression and is_id_first / is_id_rest encode the same Lean rules."""
+    import re as _re
+
+    from fd_jax.lean import lexer
+
+    first, rest = _re.compile(f"[{lexer._FIRST}]"), _re.compile(f"[{lexer._REST}]")
+    for code_point in range(0x20000):
+        ch = chr(code_point)
+        assert bool(first.fullmatch(ch)) == is_id_first(ch), hex(code_point)
+        assert bool(rest.fullmatch(ch)) == is_id_rest(ch), hex(code_point)

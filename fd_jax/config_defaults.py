@@ -69,7 +69,7 @@ def rollout_config() -> config_dict.ConfigDict:
     r.top_p = 1.0  # nucleus sampling (1 = off)
     r.top_k = 0  # top-k sampling (0 = off)
     r.chunk_problems = 0  # problems per generate call; >0 overlaps Lean checking with generation (0 = all)
-    r.pad_multiple = 32  # padded lengths are this times a power of two: few shapes, few recompilations
+    r.pad_multiple = 32  # padded lengths are this times 1, 2, 3, 4, 6, 8, 12, ...: few shapes, few recompilations
     r.use_successful_as_teacher = False  # show the teacher a solved sibling as a demonstration
     r.dont_reprompt_on_self_success = True  # a rollout's own success is never its demonstration
     r.max_reprompt_len = placeholder(int)  # cap on teacher prompt tokens, feedback truncated to fit (None = none)

@@ -40,7 +40,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     chunk_problems: int = 0  # problems per generate call; 0 = all at once (no overlap with verification)
-    pad_multiple: int = 32  # S, U and C are padded to this times a power of two (train_batch.bucket_length)
+    pad_multiple: int = 32  # S, U and C are this times 1, 2, 3, 4, 6, 8, ... (train_batch.bucket_length)
     request_feedback: bool = True  # ask the provider about failed rollouts (off for pure GRPO)
     use_successful_as_teacher: bool = False  # show the teacher a solved sibling as a demonstration
     dont_reprompt_on_self_success: bool = True  # a rollout's own success is never its demonstration

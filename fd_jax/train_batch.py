@@ -11,8 +11,8 @@ import numpy as np
 @dataclasses.dataclass
 class TrainBatch:
     """B = P*G rollouts, row b = problem b // G, sample b % G. Padded lengths S, U, C are each the
-    rollout's `pad_multiple` times a power of two (`bucket_length`), so the jitted step sees a small known
-    set of shapes: log2(longest / pad_multiple) + 1 lengths per axis.
+    rollout's `pad_multiple` times one of 1, 2, 3, 4, 6, 8, 12, ... (`bucket_length`), so the jitted step
+    sees a small known set of shapes: about 2 log2(longest / pad_multiple) + 1 lengths per axis.
 
     student_tokens_BS: prompt + completion, right-padded with the pad id.
     student_positions_BS: 0..len-1 on tokens, -1 on padding (the model derives its attention mask from it).

@@ -52,7 +52,10 @@ def run_reporting_user_errors(action: Callable[[], Any], prog: str, *, debug: bo
 
 def _kind(error: BaseException) -> str:
     from fd_jax.config.errors import ConfigError
+    from fd_jax.train.workdir import WorkdirError
 
+    if isinstance(error, WorkdirError):
+        return "workdir error"
     if isinstance(error, ConfigError):
         return "config error"
     return "error"

@@ -45,6 +45,7 @@ from fd_jax.config.errors import ConfigError
 from fd_jax.config.validation import config_from_json, validate
 from fd_jax.train.stages import Stage, stages
 from fd_jax.data import ShuffledIterator
+from fd_jax.eval import evaluation
 from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
@@ -222,7 +223,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
                     break
         finally:
             run_log.close()
-            if feedback is not None and hasattr(feedback, "close"):
+            if feedback is not None:
                 feedback.close()
     log.info("%s at step %d; logs in %s", status, step, workdir)
     return {"status": status, "step": step, "workdir": str(workdir)}
@@ -380,17 +381,9 @@ def _record(run: _Run, stage: Stage, step: int, rollout: RolloutResult, per_iter
     return record
 
 
-_MISSING_EVALUATION = "fd_jax.eval.evaluation is not available ({}); periodic evaluation is skipped"
-
-
 def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
     """pass@k (and entropy, diversity) of the current policy on the held-out problems; the report goes to
     DIR/eval/step_N/. Returns the `eval/*` scalars for the metrics line."""
-    try:
-        from fd_jax.eval import evaluation
-    except ImportError as e:
-        run.log.message(_MISSING_EVALUATION.format(e))
-        return {}
     e = run.cfg.eval
     problems = multihost.host_shard(run.eval_problems)
     report = evaluation.evaluate(

@@ -33,7 +33,6 @@ class Task:
     name: ClassVar[str]
     prompt_formats: ClassVar[tuple[str, ...]]  # the values data.prompt_format may take; the first is the default
     count_lemmas: ClassVar[bool] = False  # diversity hook: evaluation counts the Mathlib lemmas of valid proofs
-    default_feedback: ClassVar[str] = "lean_errors"  # the feedback provider that needs nothing but the verifier
     default_num_problems: ClassVar[int] = 0  # scripts/evaluate.py's --num_problems 0: 0 = every problem of the source
     max_turns: ClassVar[int] = 1  # turns per episode (see the module docstring)
     tools: ClassVar[Mapping[str, Callable[[str], str]]] = {}  # tools the policy may call within an episode

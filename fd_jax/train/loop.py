@@ -297,7 +297,8 @@ def _rollout(run: _Run, stage: Stage, params, problems: list, step: int) -> Roll
     rollouts_dir = run.workdir if multihost.is_writer() else run.workdir / "hosts" / str(jax.process_index())
     return run_rollout(problems, model=model, tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier,
                        feedback=run.feedback if stage.rollout.request_feedback else None, config=stage.rollout,
-                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step, workdir=rollouts_dir)
+                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step,
+                       workdir=rollouts_dir)
 
 
 def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: int, data_state: dict):

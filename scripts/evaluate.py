@@ -156,13 +156,8 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.checkpoint:
-        # Hook for trainer checkpoints: `fd_jax.train.loop.restore_policy(workdir, step=None, dtype=...)
-        # -> (model, tokenizer)` rebuilds the policy of a workdir's orbax checkpoint.
-        try:
-            from fd_jax.train.loop import restore_policy
-        except ImportError:
-            raise SystemExit(f"--checkpoint {args.checkpoint}: this fd_jax has no fd_jax.train.loop.restore_policy; "
-                             f"export the checkpoint with fd_jax.models.save_hf and pass --model DIR") from None
+        from fd_jax.train.loop import restore_policy  # the policy of a workdir's orbax checkpoint
+
         model, tokenizer = restore_policy(args.checkpoint, step=args.step, dtype=dtype)
         return model, tokenizer, pathlib.Path(args.checkpoint).name
     import transformers

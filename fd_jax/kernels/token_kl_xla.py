@@ -8,7 +8,7 @@ when the weights are bf16) while `d_h` is a small `[N, D]` f32 carry. Nothing of
 A ragged last vocabulary tile is read at the clamped position `V - T` and its columns below `j * T` (already
 seen) are masked, so `W` is never padded or copied.
 
-Masked tokens have zero statistics and cotangents, so the caller (`token_kl._fused_forward`) moves the
+Masked tokens have zero statistics and cotangents, so the caller (`token_kl.fused_forward`) moves the
 counted tokens to the front (`compaction`) and both loops visit only the chunks that hold any
 (`live_chunks`): right-padding costs no matmuls.
 """
@@ -35,7 +35,7 @@ def default_blocks() -> tuple[int, int]:
     return DEFAULT_BLOCKS
 
 
-def _blocks(num: int, block: int) -> tuple[int, int]:
+def blocks(num: int, block: int) -> tuple[int, int]:
     """(block size, number of blocks) with the block no larger than `num`."""
     block = max(1, min(block, num))
     return block, -(-num // block)
@@ -57,7 +57,7 @@ def _slice_columns(x_DV: Array, start, tile: int, dtype) -> Array:
     return _from_bits(lax.dynamic_slice_in_dim(x_DV, start, tile, axis=1), dtype).astype(jnp.float32)
 
 
-class _Unembedding:
+class Unembedding:
     """The student's W and the teacher's (the same array unless the teacher has its own), read by tiles."""
 
     def __init__(self, w_DV: Array, wt_DV: Array | None, tile: int):
@@ -97,7 +97,7 @@ def compaction(mask_N: Array, chunk: int) -> tuple[Array, Array, Array]:
     return order, restore, (jnp.sum(counted, dtype=jnp.int32) + chunk - 1) // chunk
 
 
-def _chunked(x: Array | None, chunk: int, num_chunks: int) -> Array | None:
+def chunked(x: Array | None, chunk: int, num_chunks: int) -> Array | None:
     """[N, ...] -> [num_chunks, chunk, ...], zero-padded."""
     if x is None:
         return None
@@ -114,9 +114,9 @@ def forward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None,
     this many token chunks (see `compaction`); the others get zeros (top-k logits `tiles.NEG`): finite
     placeholders for masked tokens."""
     num_tokens = hs_ND.shape[0]
-    chunk, num_chunks = _blocks(num_tokens, plan.token_chunk)
-    tile, num_tiles = _blocks(w_DV.shape[1], plan.vocab_tile)
-    unembed = _Unembedding(w_DV, wt_DV, tile)
+    chunk, num_chunks = blocks(num_tokens, plan.token_chunk)
+    tile, num_tiles = blocks(w_DV.shape[1], plan.vocab_tile)
+    unembed = Unembedding(w_DV, wt_DV, tile)
 
     def logits(start, hs_CD, ht_CD):
         w_DT = unembed.student(start)
@@ -152,7 +152,7 @@ def forward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None,
             (out["kl_pm"], out["kl_qm"]), _ = lax.scan(pass2, (zeros, zeros), jnp.arange(num_tiles))
         return out
 
-    chunks = (_chunked(hs_ND, chunk, num_chunks), _chunked(ht_ND, chunk, num_chunks))
+    chunks = (chunked(hs_ND, chunk, num_chunks), chunked(ht_ND, chunk, num_chunks))
     if live_chunks is None:
         out = lax.map(one_chunk, chunks)
     else:
@@ -168,7 +168,7 @@ def forward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None,
     return {k: v.reshape(num_chunks * chunk, *v.shape[2:])[:num_tokens] for k, v in out.items()}
 
 
-def _add_sparse(g_CT, cols_CK, coef_CK, start, col0, valid_T):
+def add_sparse(g_CT, cols_CK, coef_CK, start, col0, valid_T):
     """Add the per-token sparse gradient entries (coef at vocabulary column col) that fall in this tile."""
     if cols_CK.shape[1] == 1:
         return tiles.add_column(g_CT, cols_CK[:, 0], coef_CK[:, 0], start, valid_T)
@@ -190,14 +190,14 @@ def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None
     others are skipped and get d_h = 0.
     """
     num_tokens, dim = hs_ND.shape
-    chunk, num_chunks = _blocks(num_tokens, plan.token_chunk)
-    tile, num_tiles = _blocks(w_DV.shape[1], plan.vocab_tile)
-    hs_cCD = _chunked(hs_ND, chunk, num_chunks)
-    ht_cCD = _chunked(ht_ND, chunk, num_chunks) if plan.grad_div is not None else None
-    tok_c = {k: _chunked(v, chunk, num_chunks) for k, v in tok.items()}
-    cols_cCK, coef_cCK = _chunked(cols_NK, chunk, num_chunks), _chunked(coef_NK, chunk, num_chunks)
+    chunk, num_chunks = blocks(num_tokens, plan.token_chunk)
+    tile, num_tiles = blocks(w_DV.shape[1], plan.vocab_tile)
+    hs_cCD = chunked(hs_ND, chunk, num_chunks)
+    ht_cCD = chunked(ht_ND, chunk, num_chunks) if plan.grad_div is not None else None
+    tok_c = {k: chunked(v, chunk, num_chunks) for k, v in tok.items()}
+    cols_cCK, coef_cCK = chunked(cols_NK, chunk, num_chunks), chunked(coef_NK, chunk, num_chunks)
 
-    unembed = _Unembedding(w_DV, wt_DV, tile)
+    unembed = Unembedding(w_DV, wt_DV, tile)
 
     def one_tile(carry, j):
         dh_cCD, dw_bits_DV = carry
@@ -212,7 +212,7 @@ def backward(hs_ND: Array, ht_ND: Array | None, w_DV: Array, wt_DV: Array | None
             t_CT = None if ht_cCD is None else _dot(ht_cCD[c], wt_DT)
             g_CT = tiles.logit_grad(s_CT, t_CT, {k: v[c] for k, v in tok_c.items()}, plan.grad_div, valid_T)
             # Materialised once (XLA:CPU would otherwise fuse the chain into both matmuls and compute it twice).
-            g_CT = lax.optimization_barrier(_add_sparse(g_CT, cols_cCK[c], coef_cCK[c], start, j * tile, valid_T))
+            g_CT = lax.optimization_barrier(add_sparse(g_CT, cols_cCK[c], coef_cCK[c], start, j * tile, valid_T))
             dh_cCD = dh_cCD.at[c].add(_dot(g_CT, w_DT.T))
             return (dh_cCD, dw_DT + _dot(hs_CD.T.astype(jnp.float32), g_CT)), None
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fd_jax.kernels import plan as kernel_plan
 from fd_jax.kernels import tiles, token_kl, token_kl_xla
 from fd_jax.kernels.token_kl import TokenStats
 
@@ -58,10 +59,10 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
     """
     loss, dw_DV, s_CV, t_CV = carry
     hs_CD, ht_CD, ids_C, mask_C, aux_C = xs
-    support = token_kl._ALL_SUPPORTS[st.mode]
+    support = kernel_plan.ALL_SUPPORTS[st.mode]
     plan = support.plan(st)
     num, vocab = s_CV.shape
-    unembed = token_kl_xla._Unembedding(w_DV, wt_DV, tile)
+    unembed = token_kl_xla.Unembedding(w_DV, wt_DV, tile)
     num_tiles = -(-vocab // tile)
 
     def pass_a(carry, j):
@@ -111,7 +112,7 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
         g_CT = tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T)
         # Materialise g once: left alone, XLA:CPU fuses its elementwise chain (exp included) into both
         # matmuls' operands and computes it twice.
-        g_CT = lax.optimization_barrier(token_kl_xla._add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T))
+        g_CT = lax.optimization_barrier(token_kl_xla.add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T))
         dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(hs32_DC, g_CT)
         return (dh_CD + _dot(g_CT, w_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), None
 
@@ -121,7 +122,7 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
 
 
 def _chunks(tree, chunk: int, num_chunks: int):
-    return jax.tree.map(lambda x: token_kl_xla._chunked(x, chunk, num_chunks), tree)
+    return jax.tree.map(lambda x: token_kl_xla.chunked(x, chunk, num_chunks), tree)
 
 
 def _unchunk(tree, num: int):
@@ -130,7 +131,7 @@ def _unchunk(tree, num: int):
 
 def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     """The loss and stats without gradients (the statistics pass of the XLA engine)."""
-    stats, _ = token_kl._fused_forward(hs, ht, w, wt, mask, ids, st)
+    stats, _ = token_kl.fused_forward(hs, ht, w, wt, mask, ids, st)
     stats = jax.tree.map(jax.lax.stop_gradient, stats)
     return jnp.sum(token_loss(stats, aux) * (mask > 0)), stats
 
@@ -138,13 +139,13 @@ def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
 def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     num, dim = hs.shape
     vocab = w.shape[1]
-    chunk, num_chunks = token_kl_xla._blocks(num, st.token_chunk)
-    tile, _ = token_kl_xla._blocks(vocab, st.vocab_tile)
+    chunk, num_chunks = token_kl_xla.blocks(num, st.token_chunk)
+    tile, _ = token_kl_xla.blocks(vocab, st.vocab_tile)
     # Only chunks holding counted tokens are visited: the counted tokens go first (`compaction`), and the
     # outputs of the chunks never visited keep their zeros (what a masked token gets anyway).
     order, restore, live_chunks = token_kl_xla.compaction(mask, chunk)
     xs = _chunks(jax.tree.map(lambda x: x[order], (hs, ht, ids, mask, aux)), chunk, num_chunks)
-    # A 16-bit W is widened tile by tile (`_Unembedding`), twice per chunk: an f32 copy of W would cost as
+    # A 16-bit W is widened tile by tile (`Unembedding`), twice per chunk: an f32 copy of W would cost as
     # much memory as the chunk buffers.
     buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
     init = (jnp.zeros((), jnp.float32), jnp.zeros((dim, vocab), jnp.float32), buffer,
@@ -202,14 +203,14 @@ def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array
     w.r.t. h_student and w_unembed) and the TokenStats (constants, zero where mask = 0).
     """
     if h_teacher is None:
-        token_kl._check(h_student, None, w_unembed, mask, sampled_ids, alpha=1.0, mode="full", top_k=None)
-        st = token_kl._settings(1.0, token_kl._NO_TEACHER, None, False, token_chunk or DEFAULT_LOSS_CHUNK,
-                                vocab_tile or DEFAULT_LOSS_TILE, "xla")
+        kernel_plan.check_inputs(h_student, None, w_unembed, mask, sampled_ids, alpha=1.0, mode="full", top_k=None)
+        st = kernel_plan.settings(1.0, kernel_plan.NO_TEACHER, None, False, token_chunk or DEFAULT_LOSS_CHUNK,
+                                  vocab_tile or DEFAULT_LOSS_TILE, "xla")
     else:
-        token_kl._check(h_student, h_teacher, w_unembed, mask, sampled_ids, alpha=alpha, mode=mode, top_k=top_k,
-                        w_teacher=w_teacher)
-        st = token_kl._settings(alpha, mode, top_k, add_tail, token_chunk or DEFAULT_LOSS_CHUNK,
-                                vocab_tile or DEFAULT_LOSS_TILE, "xla")
+        kernel_plan.check_inputs(h_student, h_teacher, w_unembed, mask, sampled_ids, alpha=alpha, mode=mode,
+                                 top_k=top_k, w_teacher=w_teacher)
+        st = kernel_plan.settings(alpha, mode, top_k, add_tail, token_chunk or DEFAULT_LOSS_CHUNK,
+                                  vocab_tile or DEFAULT_LOSS_TILE, "xla")
         h_teacher = jax.lax.stop_gradient(h_teacher)
     w_teacher = None if w_teacher is None else jax.lax.stop_gradient(w_teacher)
     aux = jax.tree.map(jax.lax.stop_gradient, aux)

@@ -43,6 +43,7 @@ from flax import nnx
 
 from fd_jax.rl import losses
 from fd_jax.config.schema import KERNEL_PASSES, TEACHERS, StepConfig  # noqa: F401  (re-exported)
+from fd_jax.kernels import plan as kernel_plan
 from fd_jax.kernels import token_kl, token_loss
 from fd_jax.rl.batch import BATCH_FIELDS
 
@@ -118,7 +119,7 @@ def _kernel_passes(cfg: StepConfig) -> str:
         return cfg.kernel_passes
     if cfg.importance_sampling_level != "token":
         return "two"
-    return "two" if token_kl._resolve_backend(cfg.kernel_backend, cfg.distill_mode) == "pallas" else "one"
+    return "two" if kernel_plan.resolve_backend(cfg.kernel_backend, cfg.distill_mode) == "pallas" else "one"
 
 
 def _token_objective(stats: token_kl.TokenStats, aux: dict, *, cfg: StepConfig) -> jax.Array:

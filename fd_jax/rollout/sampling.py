@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,26 +69,6 @@ class SampleOutput:
     def token_lists(self) -> list[list[int]]:
         """Each row's completion as a list of token ids, without padding."""
         return [row[:length].tolist() for row, length in zip(self.tokens, self.lengths)]
-
-
-class Engine(Protocol):
-    """What rollouts need from a generation engine; an external one (e.g. vLLM-TPU) can implement it."""
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[Any] = (), seed: int = 0,
-                 n: int = 1) -> SampleOutput: ...
-
-
-@dataclasses.dataclass
-class JaxEngine:
-    """The built-in engine: `generate` on an fd_jax model (updated in place by the trainer)."""
-
-    model: Transformer
-    mesh: Mesh | None = None
-    pad_id: int = 0
-
-    def generate(self, prompts, **options) -> SampleOutput:
-        return generate(self.model, prompts, mesh=self.mesh, pad_id=self.pad_id, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,6 @@ class Task:
     name: ClassVar[str]
     prompt_formats: ClassVar[tuple[str, ...]]  # the values data.prompt_format may take; the first is the default
     count_lemmas: ClassVar[bool] = False  # diversity hook: evaluation counts the Mathlib lemmas of valid proofs
-    default_feedback: ClassVar[str] = "lean_errors"  # the feedback provider that needs nothing but the verifier
     default_num_problems: ClassVar[int] = 0  # scripts/evaluate.py's --num_problems 0: 0 = every problem of the source
     default_max_new_tokens: ClassVar[int] = 2048  # scripts/evaluate.py's completion budget for --model
     reads_problem_file: ClassVar[bool] = False  # whether the problems come from data.path (--problems)

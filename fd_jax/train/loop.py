@@ -46,6 +46,7 @@ from fd_jax.config.errors import ConfigError
 from fd_jax.config.validation import validate
 from fd_jax.train.stages import Stage, stages
 from fd_jax.data import ShuffledIterator
+from fd_jax.eval import evaluation
 from fd_jax.train.metrics_log import RunLog, truncate_jsonl
 from fd_jax.models import save_hf
 from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
@@ -230,7 +231,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
                     break
         finally:
             run_log.close()
-            if feedback is not None and hasattr(feedback, "close"):
+            if feedback is not None:
                 feedback.close()
     log.info("%s at step %d; logs in %s; %d XLA programs built in this process (%.1f s)", status, step, workdir,
              *compilations.totals().values())
@@ -305,7 +306,8 @@ def _rollout(run: _Run, stage: Stage, params, problems: list, step: int) -> Roll
     rollouts_dir = run.workdir if multihost.is_writer() else run.workdir / "hosts" / str(jax.process_index())
     return run_rollout(problems, model=model, tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier,
                        feedback=run.feedback if stage.rollout.request_feedback else None, config=stage.rollout,
-                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step, workdir=rollouts_dir)
+                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step,
+                       workdir=rollouts_dir)
 
 
 def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: int, data_state: dict):
@@ -391,17 +393,9 @@ def _record(run: _Run, stage: Stage, step: int, rollout: RolloutResult, per_iter
     return record
 
 
-_MISSING_EVALUATION = "fd_jax.eval.evaluation is not available ({}); periodic evaluation is skipped"
-
-
 def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
     """pass@k (and entropy, diversity) of the current policy on the held-out problems; the report goes to
     DIR/eval/step_N/. Returns the `eval/*` scalars for the metrics line."""
-    try:
-        from fd_jax.eval import evaluation
-    except ImportError as e:
-        run.log.message(_MISSING_EVALUATION.format(e))
-        return {}
     e = run.cfg.eval
     problems = multihost.host_shard(run.eval_problems)
     report = evaluation.evaluate(

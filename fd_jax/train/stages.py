@@ -26,7 +26,8 @@ def _settings(cls, section: str, cfg: config_dict.ConfigDict, **stage_values: An
         raise ConfigError(f"config.{section}: {e}") from None
 
 
-def stage_configs(cfg: config_dict.ConfigDict, stage: str, *, steps: int) -> tuple[StepConfig, OptimConfig, RolloutConfig]:
+def stage_configs(cfg: config_dict.ConfigDict, stage: str, *,
+                  steps: int) -> tuple[StepConfig, OptimConfig, RolloutConfig]:
     """(StepConfig, OptimConfig, RolloutConfig) of one stage (`fd` or `grpo`) lasting `steps` steps.
 
     A GRPO stage uses a live teacher: it neither reads nor stores one (the reference of beta > 0 is the

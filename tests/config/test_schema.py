@@ -60,3 +60,13 @@ def test_loss_registries_are_the_names_the_schema_allows():
 def test_rollout_templates_come_from_its_fields():
     r = RolloutConfig(reprompt_template="{feedback}!", feedback_template="F:{feedback}")
     assert (r.templates.reprompt, r.templates.feedback) == ("{feedback}!", "F:{feedback}")
+
+
+def test_checking_a_config_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys, fd_jax.config.validation, fd_jax.config.defaults, fd_jax.tasks; "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -463,7 +463,7 @@ def test_errors_name_the_problem():
 
 
 def test_contract_functions_agree():
-    """The §4 contract pair: same signature, same per-token values (sampled_ids given as a keyword)."""
+    """The public contract pair: same signature, same per-token values (sampled_ids given as a keyword)."""
     hs, ht, w, mask, ids, _ = DATA
     kw = dict(alpha=1.0, mode="sampled_token", sampled_ids=ids)
     fused = jax.jit(lambda *a: tk.fused_divergence(*a, backend="xla", **CHUNKS, **kw))(hs, ht, w, mask)

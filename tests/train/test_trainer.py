@@ -379,3 +379,14 @@ def test_help_exits_0_with_the_example_intact():
     assert done.returncode == 0, done.stderr
     assert "--workdir runs/kimina \\\n        --config.total_steps=500" in done.stdout
     assert "--workdir: the run's directory" in done.stdout
+
+
+def test_evaluate_checkpoint_of_a_missing_step_is_one_line(reference, tmp_path):
+    """scripts/evaluate.py --checkpoint with a step the workdir does not have: one line naming the steps it
+    has, exit status 2, before any model is built."""
+    workdir, _ = reference
+    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--checkpoint", str(workdir),
+                           "--step", "5", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr == f"evaluate.py: workdir error: {workdir}: no checkpoint of step 5 (it has steps [2, 4, 6])\n"
+    assert not (tmp_path / "out").exists()

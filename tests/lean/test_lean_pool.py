@@ -100,12 +100,15 @@ def test_verdicts_for_every_misbehaviour(tmp_path):
             "valid", "invalid", "timeout", "crashed", "crashed", "crashed", "sorry", "sorry", "invalid",
             "rejected",
         ]  # fmt: skip
-        assert wall < 1.0 + 6.0  # one timeout; everything else is quick
+        # One task hangs: the batch costs one timeout plus process (re)starts, never a timeout per task
+        # (10 x 1 s); the rest of the margin is for worker restarts on a loaded machine.
+        assert wall < len(batch) * 1.0
         assert verdicts[1].errors == [
             {"severity": "error", "pos": {"line": 3, "column": 2}, "endPos": {"line": 3, "column": 12},
              "data": "Unknown identifier `FAKE_ERROR`"}
         ]  # fmt: skip
-        assert 1.0 <= verdicts[2].time_s < 2.0 and "killed and restarted" in verdicts[2].reason
+        # waited the whole timeout, and was not left to run on (a second timeout's worth is slack for load)
+        assert 1.0 <= verdicts[2].time_s < 3.0 and "killed and restarted" in verdicts[2].reason
         assert "SIGSEGV" in verdicts[3].reason
         assert "not JSON" in verdicts[4].reason
         assert "MemoryError" in verdicts[5].reason  # RLIMIT_AS stopped the allocation

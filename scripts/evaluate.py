@@ -156,7 +156,7 @@ def load_policy(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.checkpoint:
-        from fd_jax.train.loop import restore_policy  # the policy of a workdir's orbax checkpoint
+        from fd_jax.train.workdir import restore_policy  # the policy of a workdir's orbax checkpoint
 
         model, tokenizer = restore_policy(args.checkpoint, step=args.step, dtype=dtype)
         return model, tokenizer, pathlib.Path(args.checkpoint).name

@@ -41,6 +41,8 @@ from ml_collections import config_dict
 from fd_jax.train import compilations, components, multihost, step_metrics
 from fd_jax import sharding as sharding_lib
 from fd_jax.train import workdir as workdir_lib
+from fd_jax.train.workdir import CHECKPOINTS, CONFIG_FILE, ROLLOUTS_FILE, restore_policy  # noqa: F401 (restore_policy: public here too)
+from fd_jax.train.workdir import checkpoint_dir as _checkpoint_dir, latest_step as _latest_step
 from fd_jax.train.checkpoint import Checkpointer
 from fd_jax.config.errors import ConfigError
 from fd_jax.config.validation import validate
@@ -57,9 +59,6 @@ from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-ROLLOUTS_FILE = "rollouts.jsonl"
-CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 HF_FINAL = "hf_final"
 
@@ -129,17 +128,6 @@ def abstract_state(params: Any, optimizer, step_cfg, mesh: jax.sharding.Mesh | N
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     shardings = sharding_lib.state_shardings(shapes, mesh)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def _checkpoint_dir(workdir: pathlib.Path, stage: Stage) -> pathlib.Path:
-    return (workdir / stage.subdir if stage.subdir else workdir) / CHECKPOINTS
-
-
-def _latest_step(directory: pathlib.Path) -> int | None:
-    if not directory.is_dir():
-        return None
-    with Checkpointer(directory, async_save=False) as ckpt:
-        return ckpt.latest_step()
 
 
 def resume_point(plan: list[Stage], workdir: pathlib.Path) -> tuple[int, int | None]:
@@ -428,33 +416,3 @@ def _finish_stage(run: _Run, stage: Stage, state: TrainState, step: int, *, trai
         save_hf(nnx.merge(run.graphdef, state.params), run.policy.config, export_dir,
                 tokenizer=run.policy.tokenizer)
         run.log.message(f"exported the {stage.name} policy to {export_dir}")
-
-
-def restore_policy(workdir: str | pathlib.Path, step: int | None = None, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a training workdir's checkpoint: `step` (default: the latest of the last stage
-    that has one), on the default device. dtype: the compute dtype (default: the run's)."""
-    workdir = pathlib.Path(workdir)
-    cfg = workdir_lib.read_config(workdir)  # WorkdirError when it is not a training workdir
-    if dtype is not None:
-        cfg.model.dtype = jnp.dtype(dtype).name
-    plan = stages(cfg)
-    chosen = None
-    for stage in plan:
-        directory = _checkpoint_dir(workdir, stage)
-        latest = _latest_step(directory)
-        if latest is None:
-            continue
-        if step is None or (stage.first - 1 <= step <= latest and (directory / str(step)).exists()):
-            chosen = (stage, latest if step is None else step)
-    if chosen is None:
-        steps = sorted({int(p.name) for stage in plan if _checkpoint_dir(workdir, stage).is_dir()
-                        for p in _checkpoint_dir(workdir, stage).iterdir() if p.name.isdigit()})
-        raise workdir_lib.WorkdirError(f"{workdir}: no checkpoint" + (f" of step {step}" if step is not None else "")
-                                       + (f" (it has steps {steps})" if steps else ""))
-    stage, chosen_step = chosen
-    policy = components.build_policy(cfg, mesh=None, weights=False)
-    graphdef, params = nnx.split(policy.model)
-    target = abstract_state(params, make_optimizer(stage.optim), stage.step, None)
-    with Checkpointer(_checkpoint_dir(workdir, stage), async_save=False) as ckpt:
-        state, _ = ckpt.restore(target, chosen_step)
-    return nnx.merge(graphdef, state.params), policy.tokenizer

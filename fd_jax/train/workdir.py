@@ -21,8 +21,10 @@ from fd_jax.config.errors import ConfigError
 from fd_jax.config.validation import config_from_json
 from fd_jax.train.stages import stages
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
+# What a workdir holds (metrics.jsonl and curves.png are named in fd_jax.train.metrics_log).
+CONFIG_FILE = "config.json"  # the run's config, written once every check has passed
+ROLLOUTS_FILE = "rollouts.jsonl"  # every rollout, one JSON object a line
+CHECKPOINTS = "checkpoints"  # orbax checkpoints by step, in the stage's subdirectory when it has one
 # Fields named first when two configs' training states differ: those that shape a checkpoint.
 STATE_FIELDS = ("algorithm", "fd_steps", "model.", "step.teacher", "step.distill_weight", "step.beta", "optim.")
 
@@ -113,3 +115,56 @@ def check_resumable(cfg: config_dict.ConfigDict, workdir: pathlib.Path) -> None:
     raise WorkdirError(f"{workdir} holds checkpoints of another run ({what or 'its config.json differs'}): "
                        f"its training state cannot be restored with this config; set those fields back "
                        f"(or drop the overrides) to resume, or use a new --workdir")
+
+
+def checkpoint_dir(workdir: pathlib.Path, stage) -> pathlib.Path:
+    """Where a stage (`fd_jax.train.stages.Stage`) keeps its orbax checkpoints."""
+    return (workdir / stage.subdir if stage.subdir else workdir) / CHECKPOINTS
+
+
+def latest_step(directory: pathlib.Path) -> int | None:
+    """The newest checkpoint's step in `directory`, or None when it holds none."""
+    from fd_jax.train.checkpoint import Checkpointer
+
+    if not directory.is_dir():
+        return None
+    with Checkpointer(directory, async_save=False) as ckpt:
+        return ckpt.latest_step()
+
+
+def restore_policy(workdir: str | pathlib.Path, step: int | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a training workdir's checkpoint: `step` (default: the latest of the last stage
+    that has one), on the default device. dtype: the compute dtype (default: the run's)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fd_jax.rl.optim import make_optimizer
+    from fd_jax.train import components
+    from fd_jax.train.checkpoint import Checkpointer
+    from fd_jax.train.loop import abstract_state
+
+    workdir = pathlib.Path(workdir)
+    cfg = read_config(workdir)  # WorkdirError when it is not a training workdir
+    if dtype is not None:
+        cfg.model.dtype = jnp.dtype(dtype).name
+    plan = stages(cfg)
+    chosen = None
+    for stage in plan:
+        directory = checkpoint_dir(workdir, stage)
+        latest = latest_step(directory)
+        if latest is None:
+            continue
+        if step is None or (stage.first - 1 <= step <= latest and (directory / str(step)).exists()):
+            chosen = (stage, latest if step is None else step)
+    if chosen is None:
+        steps = sorted({int(p.name) for stage in plan if checkpoint_dir(workdir, stage).is_dir()
+                        for p in checkpoint_dir(workdir, stage).iterdir() if p.name.isdigit()})
+        raise WorkdirError(f"{workdir}: no checkpoint" + (f" of step {step}" if step is not None else "")
+                                       + (f" (it has steps {steps})" if steps else ""))
+    stage, chosen_step = chosen
+    policy = components.build_policy(cfg, mesh=None, weights=False)
+    graphdef, params = nnx.split(policy.model)
+    target = abstract_state(params, make_optimizer(stage.optim), stage.step, None)
+    with Checkpointer(checkpoint_dir(workdir, stage), async_save=False) as ckpt:
+        state, _ = ckpt.restore(target, chosen_step)
+    return nnx.merge(graphdef, state.params), policy.tokenizer

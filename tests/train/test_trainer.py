@@ -137,7 +137,7 @@ def test_smoke_command_leaves_the_contract_files(reference, tmp_path):
     assert set(report["pass_at_k"]) == {"1", "2", "4"} and report["num_problems"] == 8
 
     # The exported policy is the last checkpoint's (restore_policy is what scripts/evaluate.py uses).
-    from fd_jax.train.loop import restore_policy
+    from fd_jax.train.workdir import restore_policy
 
     model, tokenizer = restore_policy(workdir)
     _assert_same_weights(_weights(save_hf(model, model.config, tmp_path / "restored")), _weights(workdir / "hf_final"))
@@ -199,7 +199,7 @@ def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
     rollouts = read_jsonl(tmp_path / "rollouts.jsonl")
     assert all(r["feedback"] is None and not r["distilled"] for r in rollouts if r["step"] > 2)
 
-    from fd_jax.train.loop import restore_policy
+    from fd_jax.train.workdir import restore_policy
 
     fd_final = _weights(tmp_path / "fd" / "hf_final")  # the FD stage's exported final policy
     grpo_start, _ = restore_policy(tmp_path, step=2)  # the GRPO stage's own checkpoint before its first step

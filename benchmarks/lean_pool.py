@@ -1,4 +1,4 @@
-"""Lean pool overhead and scaling, with the stand-in REPL of tests/fake_repl.py (no Lean needed).
+"""Lean pool overhead and scaling, with the stand-in REPL of tests/lean/fake_repl.py (no Lean needed).
 
 1. Overhead: a stand-in that answers at once, 2 workers; proofs/s and ms per proof of the pool itself
    (screening, JSON, pipes, queue, the axiom audit's second round trip, the stand-in's own parsing).
@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from fd_jax.lean import DEFAULT_HEADER, LeanVerifier, ProofTask, screen  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FAKE = REPO / "tests" / "fake_repl.py"
+FAKE = REPO / "tests" / "lean" / "fake_repl.py"
 KIMINA_INPUTS = REPO.parent / "shared" / "data" / "kimina_match" / "input"
 STATEMENT = "theorem mathd_algebra_10 (x : ℝ) (h₀ : x = 2) :\n  x ^ 2 + 1 = 5 := by\n"
 CODE = STATEMENT + "  subst h₀\n  norm_num\n"
@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--proofs", type=int, default=400, help="proofs per timed batch (overhead section)")
     parser.add_argument("--burn-ms", type=float, default=50.0, help="CPU time per proof (scaling section)")
     parser.add_argument("--reps", type=int, default=3)
+    if not FAKE.is_file():  # every verdict would be `crashed`, which reads as a pool fault
+        sys.exit(f"lean_pool.py: the stand-in REPL {FAKE} is missing (run from a checkout with tests/)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""The local REPL pool against a stand-in REPL (tests/fake_repl.py) that hangs, crashes, prints garbage and
+"""The local REPL pool against a stand-in REPL (tests/lean/fake_repl.py) that hangs, crashes, prints garbage and
 exhausts its memory on demand: right verdicts, bounded time, recovery, and no process left behind."""
 
 from __future__ import annotations

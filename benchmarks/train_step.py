@@ -38,7 +38,7 @@ remat and the kernel's recomputation are not counted. Without --mfu-remat the at
 1B model at this shape need roughly 25-35 GB; raise the rows only with remat.
 
 --remat (and --mfu-remat) build the model with per-layer remat; the fused step traces with it only once
-fd_jax/train_step.py passes its arrays to `jax.eval_shape` as arguments (the benchmark says so and exits
+fd_jax/rl/step.py passes its arrays to `jax.eval_shape` as arguments (the benchmark says so and exits
 otherwise). On XLA:CPU per-layer remat of the unrolled layer loop hardly changes the compiled memory.
 """
 
@@ -172,7 +172,7 @@ def _compile_step(step, state, batch):
         return _compile(step, state, batch)
     except TraceContextError as err:  # flax: nnx.remat inside a jax.eval_shape closure over jit tracers
         raise SystemExit(
-            "the fused step does not trace with a remat model (flax TraceContextError): fd_jax/train_step.py "
+            "the fused step does not trace with a remat model (flax TraceContextError): fd_jax/rl/step.py "
             "must pass its arrays to jax.eval_shape as arguments, jax.eval_shape(loss_fn, state.params, "
             "state.teacher, state.ref, first, totals), instead of closing over them") from err
 

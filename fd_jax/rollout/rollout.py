@@ -225,7 +225,7 @@ def _episodes_and_check(
     st = out.stats
     timings = {"generate_s": st["prefill_s"] + st["generate_s"] + st["append_s"], "tool_s": st["tool_s"],
                "episode_host_s": st["host_s"], "verify_s": verify_s, "feedback_s": feedback_s, "wait_s": 0.0}
-    counts = {"turns_mean": float(np.mean([len(t) for t in out.turns])),
+    counts = {"turns": float(sum(len(t) for t in out.turns)),
               "tool_calls": float(sum(len(c) for c in env.calls)),
               "tool_errors": float(sum(not c["ok"] for calls in env.calls for c in calls)),
               "prefill_tokens": st["prefill_tokens"], "decode_steps": st["decode_steps"]}

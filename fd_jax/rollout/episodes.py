@@ -28,7 +28,10 @@ tokens, masks and log-probs against one `model(tokens, positions)` to 1e-5).
 
 Budgets: `max_turns` (segments a row takes part in), `max_turn_tokens` (model tokens per turn),
 `max_obs_tokens` (an observation longer than this is cut), `max_episode_tokens` (everything after the
-prompt, model and observation tokens). The cache has room for the worst case of every budget at once.
+prompt, model and observation tokens). The cache starts with room for the prompt and one turn and is grown
+(to the next power of two of slots, one copy) when the next segment or append would not fit: every decode
+step attends over all slots, so a cache sized for the worst case of every budget would slow each of them.
+Appends are padded to 16 x {1, 2, 3, 4, 6, 8, ...} tokens, so shapes (and compilations) stay few.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from fd_jax.models.transformer import KVCache, Transformer
+from fd_jax.rl.batch import bucket_length
 from fd_jax.rollout.sampling import _prefill, _Static, _token_logprob, bucket, sample_tokens
 
 # Why an episode ended.
@@ -103,6 +107,8 @@ class EpisodeOutput:
       `decode_steps`, seconds `prefill_s`, `generate_s` (decode loops), `append_s`, `tool_s` (wall time of
       the environment's calls), `host_s` (the rest: decoding text, bookkeeping), `total_s`, and
       `cache_slots` (S).
+    segments: per segment (turn t of every row still in its episode): `rows`, `decode_steps`,
+      `append_tokens` and seconds `generate_s`, `tool_s`, `append_s`, `host_s` (the rest of the segment).
     """
 
     tokens: list[list[int]]
@@ -111,6 +117,7 @@ class EpisodeOutput:
     turns: list[list[Turn]]
     end: list[str]
     stats: dict[str, float]
+    segments: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 # -- the compiled programs --------------------------------------------------------------------------------
@@ -195,6 +202,15 @@ def _append(graphdef, state, cache, tokens_BL, positions_BL, last_B, slot):
     return cache, model.logits_from_hidden(last_B1D)[:, 0]
 
 
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _grow(cache, *, slots: int):
+    """The cache with `slots` slots per row: the new ones empty (position -1)."""
+    pad = lambda x, fill: jnp.pad(x, [(0, 0)] * 2 + [(0, slots - x.shape[2])] + [(0, 0)] * (x.ndim - 3),
+                                  constant_values=fill)
+    return KVCache(tuple(pad(k, 0) for k in cache.k), tuple(pad(v, 0) for v in cache.v),
+                   jnp.pad(cache.positions_BS, ((0, 0), (0, slots - cache.positions_BS.shape[1])), constant_values=-1))
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _invalidate(cache, from_B):
     """Empties (position -1) each row's slots from from_B[b] on."""
@@ -268,9 +284,8 @@ def run_episodes(
             raise ValueError(f"run_episodes: {name} must be >= 1, got {value}")
     B = len(prompts) * n
     out_len = bucket(max_turn_tokens, min_bucket)
-    append_width = bucket(max_obs_tokens + 1, 8)
     prompt_bucket = bucket(max(map(len, prompts)), min_bucket)
-    cache_len = prompt_bucket + bucket(max_turns * (out_len + append_width), min_bucket)
+    cache_len = bucket(prompt_bucket + out_len, min_bucket)  # grown (doubled) when a segment needs more
     static = _Static(greedy=temperature == 0, plain=temperature == 1 and not top_k and top_p == 1,
                      top_k=int(top_k), use_top_p=top_p < 1, prompt_bucket=prompt_bucket, pad_id=0)
     graphdef, state = nnx.split(model)
@@ -285,7 +300,15 @@ def run_episodes(
     prompt_len_P = np.array([len(p) for p in prompts], np.int32)
     cache, logits_BV = _prefill(graphdef, state, tokens_PT, positions_PT, prompt_len_P,
                                 np.arange(B, dtype=np.int32) // n, cache_len=cache_len, mesh=None)
+    logits_BV.block_until_ready()
     stats["prefill_s"] = time.perf_counter() - start
+
+    def ensure(cache, needed: int):
+        """The cache, grown to the next power of two of slots when fewer than `needed` are there."""
+        if needed <= cache.positions_BS.shape[1]:
+            return cache
+        stats["cache_slots"] = float(bucket(needed, min_bucket))
+        return _grow(cache, slots=bucket(needed, min_bucket))
 
     stop_ids_K = np.full((bucket(max(1, len(stop_token_ids)), 4),), -1, np.int32)
     stop_ids_K[: len(stop_token_ids)] = list(stop_token_ids)
@@ -300,10 +323,15 @@ def run_episodes(
     pos_B = prompt_len_P[np.arange(B) // n].astype(np.int32)  # the next position each row writes
     slot = prompt_bucket  # the next free slot (shared by every row)
     key = jax.random.key(seed)
+    segments: list[dict[str, float]] = []
     for t in range(max_turns):
         live = [b for b in range(B) if not end[b]]
         if not live:
             break
+        segment_start = time.perf_counter()
+        segment = dict(rows=float(len(live)), decode_steps=0.0, append_tokens=0.0, generate_s=0.0, tool_s=0.0,
+                       append_s=0.0)
+        segments.append(segment)
         budget_B = np.zeros((B,), np.int32)
         forced_BN = np.full((B, out_len), -1, np.int32)
         for b in live:
@@ -312,18 +340,21 @@ def run_episodes(
                 script = list(forced[b][t])[:out_len]
                 forced_BN[b, : len(script)] = script
         start = time.perf_counter()
+        cache = ensure(cache, slot + out_len)
         seg, cache, steps = _decode_segment(
             graphdef, state, cache, logits_BV, pos_B, budget_B > 0, np.maximum(budget_B, 1), stop_ids_K,
             stop_seqs_MK, forced_BN, jax.random.fold_in(key, t), jnp.int32(slot), jnp.float32(temperature or 1.0),
             jnp.float32(top_p), static=static, out_len=out_len)
         seg = jax.tree.map(np.asarray, seg)
         steps = int(steps)
-        stats["generate_s"] += time.perf_counter() - start
+        segment["generate_s"] = time.perf_counter() - start
+        stats["generate_s"] += segment["generate_s"]
         stats["decode_steps"] += steps
+        segment["decode_steps"] = float(steps)
         stats["segments"] += 1
 
         # Cut at stop strings, record the turn, and find what each row appends next.
-        invalid_from_B = np.full((B,), cache_len, np.int32)
+        invalid_from_B = np.full((B,), cache.positions_BS.shape[1], np.int32)
         paused, texts, ended = [], [], []
         for b in live:
             length = int(seg.lengths_B[b])
@@ -348,12 +379,13 @@ def run_episodes(
             texts.append(turns[b][-1].text)
             ended.append(turn_tokens[-1] in stop_set and cut is None)
         slot += steps - 1
-        if (invalid_from_B < cache_len).any():
+        if (invalid_from_B < cache.positions_BS.shape[1]).any():
             cache = _invalidate(cache, invalid_from_B)
 
         start = time.perf_counter()
         reactions = env.react(paused, texts, ended) if paused else []
-        stats["tool_s"] += time.perf_counter() - start
+        segment["tool_s"] = time.perf_counter() - start
+        stats["tool_s"] += segment["tool_s"]
         appends: dict[int, list[int]] = {}
         for b, reaction in zip(paused, reactions):
             turn = turns[b][-1]
@@ -374,9 +406,11 @@ def run_episodes(
             mask[b] += [0] * len(obs)
             logprobs[b] += [0.0] * len(obs)
         if not appends:
+            segment["host_s"] = time.perf_counter() - segment_start - segment["generate_s"] - segment["tool_s"]
             continue
         start = time.perf_counter()
-        width = bucket(max(map(len, appends.values())), 8)
+        width = bucket_length(max(map(len, appends.values())), 16)  # 16, 32, 48, 64, 96, 128, 192, ...
+        cache = ensure(cache, slot + width)
         tokens_BL = np.zeros((B, width), np.int32)
         positions_BL = np.full((B, width), -1, np.int32)
         last_B = np.zeros((B,), np.int32)
@@ -386,13 +420,17 @@ def run_episodes(
             last_B[b] = len(new) - 1
             pos_B[b] += len(new)
             stats["append_tokens"] += len(new)
+            segment["append_tokens"] += len(new)
         cache, logits_BV = _append(graphdef, state, cache, tokens_BL, positions_BL, last_B, jnp.int32(slot))
         logits_BV.block_until_ready()
         slot += width
-        stats["append_s"] += time.perf_counter() - start
+        segment["append_s"] = time.perf_counter() - start
+        stats["append_s"] += segment["append_s"]
+        segment["host_s"] = (time.perf_counter() - segment_start - segment["generate_s"] - segment["tool_s"]
+                             - segment["append_s"])
     for b in range(B):
         end[b] = end[b] or END_TURNS
     stats["prefill_tokens"] += stats["append_tokens"]
     stats["total_s"] = time.perf_counter() - total_start
     stats["host_s"] = stats["total_s"] - sum(stats[k] for k in ("prefill_s", "generate_s", "append_s", "tool_s"))
-    return EpisodeOutput(tokens, mask, logprobs, turns, end, stats)
+    return EpisodeOutput(tokens, mask, logprobs, turns, end, stats, segments)

@@ -7,11 +7,13 @@ from fd_jax.tasks.arithmetic import ArithmeticTask
 from fd_jax.tasks.arithmetic_tools import ArithmeticToolsTask
 from fd_jax.tasks.base import Task
 from fd_jax.tasks.lean import LeanTask
+from fd_jax.tasks.lean_agentic import LeanAgenticTask
 
 TASKS: dict[str, Task] = {
     "arithmetic": ArithmeticTask(),  # exact integer arithmetic: the CPU test bed, no Lean
     "arithmetic_tools": ArithmeticToolsTask(),  # the test bed in episodes with a calculator tool
     "lean": LeanTask(),  # Lean 4 theorem proving (miniF2F, Lean Workbook, ...)
+    "lean_agentic": LeanAgenticTask(),  # the same in episodes with Lean and Mathlib tools (the paper's environment)
 }
 
 

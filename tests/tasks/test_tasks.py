@@ -15,9 +15,9 @@ from fd_jax.verification import INVALID, VALID, ProofTask
 
 
 def test_registry_knows_the_tasks_and_names_the_known_ones():
-    assert set(TASKS) == {"arithmetic", "arithmetic_tools", "lean"}
+    assert set(TASKS) == {"arithmetic", "arithmetic_tools", "lean", "lean_agentic"}
     assert set(prompt_format_names()) == {"arithmetic", "arithmetic_chat", "lean_completion", "lean_chat"}
-    with pytest.raises(ValueError, match=r"unknown task 'chess'; known: \['arithmetic', 'arithmetic_tools', 'lean'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'chess'; known: \['arithmetic', 'arithmetic_tools', 'lean', 'lean_agentic'\]"):
         get_task("chess")
 
 
@@ -79,7 +79,7 @@ def test_task_checks_name_the_field(tmp_path, task, changes, message):
 
 
 def test_only_the_tool_task_is_episodic_and_it_refuses_single_turn_evaluation():
-    assert [name for name, task in TASKS.items() if task.episodic] == ["arithmetic_tools"]
+    assert [name for name, task in TASKS.items() if task.episodic] == ["arithmetic_tools", "lean_agentic"]
     task = get_task("arithmetic_tools")
     assert set(task.make_tools(base_config(), None)) == {"calculator", "submit"}
     cfg = base_config()

@@ -166,3 +166,25 @@ def test_environment_runs_calls_ends_on_submit_or_answer_and_goes_on_after_a_tim
     assert reactions[2].done and env.final[2] == "Answer: 7"
     assert "timed out" in reactions[3].observation and not reactions[3].done  # the episode goes on
     assert env.calls[0][0]["result"] == "42" and env.calls[3][0]["ok"] is False
+
+
+def test_lean_agentic_task_wires_the_papers_tools(tree):
+    from fd_jax.config.defaults import base_config
+    from fd_jax.config.errors import ConfigError
+    from fd_jax.tasks import get_task
+
+    cfg = base_config()
+    cfg.data.task, cfg.data.prompt_format, cfg.data.path = "lean_agentic", "lean_chat", __file__
+    cfg.eval.every_steps = 0
+    cfg.episode.mathlib_dir = str(tree)
+    task = get_task("lean_agentic")
+    task.check(cfg)
+    tools = task.make_tools(cfg, _FakeVerifier())
+    assert set(tools) == {"lean_check", "mathlib_search", "read_mathlib", "submit"}
+    assert "Group.lean:1" in tools["mathlib_search"]({"pattern": "mul_one"}, CTX)
+    assert tools["lean_check"]({"code": "theorem t : 1 + 1 = 2 := by norm_num"}, CTX) == "status: valid"
+    cfg.episode.mathlib_dir = ""
+    assert set(task.make_tools(cfg, _FakeVerifier())) == {"lean_check", "submit"}  # no Mathlib tree: no search
+    cfg.episode.mathlib_dir = str(tree / "nope")
+    with pytest.raises(ConfigError, match="config.episode.mathlib_dir = .*not a directory"):
+        task.check(cfg)

@@ -125,6 +125,9 @@ def build_episodes(cfg: config_dict.ConfigDict, verifier: Verifier):
     task = get_task(cfg.data.task)
     if not task.episodic:
         return None
+    if jax.process_count() > 1:  # the episode sampler runs each host's rows on its own, not as one program
+        raise ConfigError(f"config.data.task = {cfg.data.task!r}: episodes with tools run on a single host so far; "
+                          f"use one host (a single TPU VM or GPU machine)")
     from fd_jax.config.schema import EpisodeConfig, from_section
     from fd_jax.rollout.rollout import EpisodeSetup
 

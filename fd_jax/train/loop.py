@@ -192,6 +192,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     # Built (and so checked: a missing Lean is refused here) before the model loads; on a later failure
     # the pool's finalizer stops its workers.
     verifier = components.build_verifier(cfg)
+    episodes = components.build_episodes(cfg, verifier)  # None unless the task has tools
     feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
 
     policy = components.build_policy(cfg, mesh=mesh, weights=fresh)
@@ -219,7 +220,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     with verifier, StopSignal() as stop:
         run = _Run(cfg, workdir, mesh, graphdef, policy, components.build_format(cfg, policy.tokenizer), verifier,
                    feedback, ShuffledIterator(problems, seed=cfg.data.shuffle_seed), eval_problems, run_log, stop,
-                   generate_fn, param_shapes, episodes=components.build_episodes(cfg, verifier))
+                   generate_fn, param_shapes, episodes=episodes)
         try:
             for index in range(first_stage, len(plan)):
                 stage = plan[index]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
-from fd_jax.config.schema import OptimConfig, RolloutConfig, StepConfig, config_section
+from fd_jax.config.schema import EpisodeConfig, OptimConfig, RolloutConfig, StepConfig, config_section
 
 placeholder = config_dict.placeholder  # a None default that still only accepts its type on override
 
@@ -135,6 +135,7 @@ def base_config() -> config_dict.ConfigDict:
     c.step = step_config()  # the loss and the teacher (fd_jax.rl.step.StepConfig)
     c.optim = optim_config()  # AdamW and its schedule (fd_jax.rl.optim.OptimConfig)
     c.lean = lean_config()  # the Lean verifier (data.task=lean)
+    c.episode = config_section(EpisodeConfig)  # turns, budgets and tools of tasks with tools (arithmetic_tools)
     c.feedback = feedback_config()  # who writes the feedback the FD teacher reads
 
     c.checkpoint = config_dict.ConfigDict()

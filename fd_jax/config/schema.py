@@ -172,6 +172,27 @@ class RolloutConfig:
         return RepromptTemplates(self.reprompt_template, self.feedback_template, self.solution_template)
 
 
+@dataclasses.dataclass(frozen=True)
+class EpisodeConfig:
+    """Multi-turn episodes with tools (`fd_jax.rollout.episodes`); used by tasks that have tools
+    (`Task.episodic`). Budgets bound every row; the cache is sized for all of them at once."""
+
+    max_turns: int = knob(4, "model turns per episode (each but the last may end in a tool call)", minimum=1)
+    max_turn_tokens: int = knob(256, "model tokens per turn", minimum=1)
+    max_obs_tokens: int = knob(512, "tokens of one tool result (longer results are cut)", minimum=1)
+    max_episode_tokens: int = knob(2048, "tokens after the prompt, model and tool output together", minimum=1)
+    tool_timeout_s: float = knob(120.0, "wall-clock limit of every tool call (the paper's environment: 120 s)",
+                                 check=(lambda t: t > 0, "must be > 0"))
+    max_tool_output_chars: int = knob(4000, "a tool's text result is cut to this many characters", minimum=1)
+    tool_workers: int = knob(8, "tool calls run concurrently on this many host threads", minimum=1)
+    mathlib_dir: str = knob("", "Mathlib source tree of mathlib_search / read_mathlib ('' = those tools off)")
+    search_matches: int = knob(20, "mathlib_search: at most this many matches", minimum=1)
+    read_lines: int = knob(80, "read_mathlib: at most this many lines per call", minimum=1)
+
+    def __post_init__(self):
+        check_fields(self, "episode")
+
+
 def _base_type(annotation: Any) -> type:
     """`float` of `float | None`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:

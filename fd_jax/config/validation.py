@@ -12,6 +12,7 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.config.errors import ConfigError
+from fd_jax.config.schema import EpisodeConfig, from_section
 from fd_jax.data.problems import LOADERS
 from fd_jax.data.prompts import fill
 from fd_jax.tasks import TASKS, get_task, prompt_format_names
@@ -106,6 +107,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if cfg.feedback.provider in HTTP_PROVIDERS and not cfg.feedback.model and _uses_feedback(cfg):
         raise _fail("feedback.model", "", f"feedback.provider={cfg.feedback.provider} needs a model name")
     stages(cfg)  # the step, optim and rollout dataclasses check their fields, named
+    from_section(EpisodeConfig, cfg.episode)  # and so do the episode budgets
 
 
 def _uses_feedback(cfg) -> bool:

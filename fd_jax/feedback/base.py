@@ -36,17 +36,29 @@ Explain briefly what is wrong with the attempt and give concrete hints to fix it
 why, and tactics or Mathlib lemmas worth trying. Do not write a complete proof."""
 
 
+# Appended to the prompt of a multi-turn episode's request: the critique is of the whole trajectory.
+TRAJECTORY_BLOCK = """
+
+The attempt above was submitted at the end of this episode (the model's turns, its tool calls and the tools'
+results, in order):
+<trajectory>
+{trajectory}
+</trajectory>"""
+
+
 @dataclasses.dataclass(frozen=True)
 class FeedbackRequest:
     """One failed attempt to comment on.
 
     statement: the theorem statement; attempt: the code the model submitted; lean_messages: the verifier's
-    messages in the REPL JSON shape (severity, pos, endPos, data).
+    messages in the REPL JSON shape (severity, pos, endPos, data). trajectory: for a multi-turn episode, the
+    whole transcript after the prompt (the model's turns, its tool calls and their results); "" otherwise.
     """
 
     statement: str
     attempt: str
     lean_messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    trajectory: str = ""
 
 
 @dataclasses.dataclass
@@ -166,17 +178,24 @@ class FeedbackProvider:
         return lean_errors_text(request.attempt, request.lean_messages, **self.lean_errors_options)
 
     def render(self, request: FeedbackRequest) -> str:
-        """The prompt the LLM sees for `request`."""
+        """The prompt the LLM sees for `request`; an episode's trajectory goes in the template's
+        `{trajectory}` field, or after the prompt (TRAJECTORY_BLOCK) when the template has none."""
+        trajectory = request.trajectory.rstrip("\n")
         try:
-            return self.template.format(
+            text = self.template.format(
                 statement=request.statement.rstrip("\n"),
                 attempt=request.attempt.rstrip("\n"),
                 lean_errors=self.lean_errors_text(request),
+                trajectory=trajectory,
             )
         except (KeyError, IndexError) as e:
             raise ValueError(
-                f"feedback template field {e} is unknown; use {{statement}}, {{attempt}}, {{lean_errors}}"
+                f"feedback template field {e} is unknown; use {{statement}}, {{attempt}}, {{lean_errors}}, "
+                f"{{trajectory}}"
             ) from None
+        if trajectory and "{trajectory}" not in self.template:
+            text += TRAJECTORY_BLOCK.format(trajectory=trajectory)
+        return text
 
     def budget_spent(self) -> bool:
         with self._lock:

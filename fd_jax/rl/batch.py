@@ -131,11 +131,15 @@ def pack_train_batch(
     distill_mask_B: np.ndarray,
     pad_id: int,
     pad_multiple: int = 32,
+    completion_masks: Sequence[Sequence[float]] | None = None,
 ) -> TrainBatch:
     """Pack B ragged rows (token id lists) into a `TrainBatch`.
 
     Every prompt must be non-empty (the first completion token is predicted from the last prompt token)
     and `old_logprobs[b]` as long as `completions[b]`. Raises ValueError naming the row otherwise.
+    completion_masks[b]: 1 on the tokens the losses train on, 0 on the others (a multi-turn episode's tool
+    output and scaffolding, which stay in the context of both the student and the teacher); None = every
+    completion token (single-turn rollouts).
     """
     B = len(completions)
     if not B == len(student_prompts) == len(teacher_prompts) == len(old_logprobs):
@@ -151,6 +155,9 @@ def pack_train_batch(
                 f"pack_train_batch: row {b} has {len(completions[b])} completion tokens but "
                 f"{len(old_logprobs[b])} log-probs"
             )
+        if completion_masks is not None and len(completion_masks[b]) != len(completions[b]):
+            raise ValueError(f"pack_train_batch: row {b} has {len(completions[b])} completion tokens but a mask "
+                             f"of {len(completion_masks[b])}")
     C = bucket_length(max(len(c) for c in completions), pad_multiple)
     student_tokens, student_positions, student_index = _pack_rows(
         student_prompts, completions, pad_id, pad_multiple, C
@@ -163,7 +170,7 @@ def pack_train_batch(
     logprobs = np.zeros((B, C), np.float32)
     for b, completion in enumerate(completions):
         completion_tokens[b, : len(completion)] = completion
-        completion_mask[b, : len(completion)] = 1.0
+        completion_mask[b, : len(completion)] = 1.0 if completion_masks is None else completion_masks[b]
         logprobs[b, : len(completion)] = old_logprobs[b]
     return TrainBatch(
         student_tokens_BS=student_tokens,

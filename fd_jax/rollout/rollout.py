@@ -5,6 +5,12 @@ chunk is generated its proofs go to the verifier (`submit`) and a host thread wa
 asks the feedback provider about the failures, so verification and feedback of chunk i overlap generation
 of chunk i+1.
 Every rollout is appended to `{workdir}/rollouts.jsonl`.
+
+A task with tools (`EpisodeSetup`) rolls out episodes of several turns instead (`_episodes_and_check`):
+`fd_jax.rollout.episodes.run_episodes` with a `fd_jax.tasks.tools.ToolEnvironment`; the completion of a
+row is its whole transcript after the prompt, masked to the model's own tokens, the final answer is
+verified as a single-turn completion is, and the feedback request carries the trajectory. An episode
+that ends without an answer (turn or token budget) is `rejected` without being checked: it fails closed.
 """
 
 from __future__ import annotations
@@ -22,14 +28,25 @@ import numpy as np
 from fd_jax.rl import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
-from fd_jax.config.schema import RolloutConfig
+from fd_jax.config.schema import EpisodeConfig, RolloutConfig
 from fd_jax.data.reprompt import build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.rollout.sample import SampledChunk, sample_chunks
-from fd_jax.verification import VALID, ProofTask, Verdict, Verifier
+from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict, Verifier
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
 
-__all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
+__all__ = ["EpisodeSetup", "RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
+
+
+@dataclasses.dataclass
+class EpisodeSetup:
+    """What turns a rollout into episodes: the budgets and the task's tools (name -> Tool). script:
+    (problem, sample) -> the tokens each turn starts with (scripted turns for tests and demonstrations,
+    `run_episodes`' `forced`); None = the policy writes everything."""
+
+    config: EpisodeConfig
+    tools: dict[str, Any]
+    script: Callable[[Problem, int], list[list[int]]] | None = None
 
 
 @dataclasses.dataclass
@@ -99,6 +116,9 @@ class _Samples:
     verdicts: list[Verdict]
     feedback: dict[int, str]  # row -> feedback text, failed rows only
     timings: dict[str, float]
+    masks: list[list[int]] | None = None  # episodes: 1 on model tokens, 0 on tool output
+    episodes: list[dict[str, Any]] | None = None  # episodes: per row, what rollouts.jsonl logs of it
+    counts: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _sample_and_check(
@@ -144,6 +164,74 @@ def _sample_and_check(
         "wait_s": wait_s,
     }
     return s
+
+
+def _episodes_and_check(
+    problems: Sequence[Problem],
+    student_prompts: list[list[int]],
+    *,
+    model: Any,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    verifier: Verifier,
+    provider: FeedbackProvider | None,
+    config: RolloutConfig,
+    setup: EpisodeSetup,
+    seed: int,
+) -> _Samples:
+    """Episodes for every row (G per problem), then their final answers verified and, for failures,
+    feedback on the whole trajectory."""
+    from fd_jax.rollout.episodes import END_ANSWER, END_SUBMIT, run_episodes
+    from fd_jax.tasks.tools import CALL_CLOSE, ToolBox, ToolContext, ToolEnvironment
+
+    G, ec = config.num_generations, setup.config
+    B = len(problems) * G
+    box = ToolBox(setup.tools, timeout_s=ec.tool_timeout_s, max_output_chars=ec.max_tool_output_chars,
+                  workers=ec.tool_workers)
+    env = ToolEnvironment(box, [ToolContext(problems[b // G].statement, problems[b // G].id) for b in range(B)])
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    try:
+        out = run_episodes(
+            model, student_prompts, env, decode=decode, encode=lambda t: tokenizer.encode(t, add_special_tokens=False),
+            n=G, max_turns=ec.max_turns, max_turn_tokens=ec.max_turn_tokens, max_obs_tokens=ec.max_obs_tokens,
+            max_episode_tokens=ec.max_episode_tokens, stop_token_ids=[t for t in (tokenizer.eos_token_id,) if t is not None],
+            stop_strings=[CALL_CLOSE], temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=seed,
+            forced=None if setup.script is None else [setup.script(problems[b // G], b % G) for b in range(B)])
+    finally:
+        box.close()
+    texts = [decode(out.tokens[b]) for b in range(B)]
+    answered = [out.end[b] in (END_ANSWER, END_SUBMIT) for b in range(B)]
+    finals = [(env.final[b] or "") if answered[b] else "" for b in range(B)]
+    tasks = [fmt.extract(problems[b // G], finals[b]) for b in range(B)]
+    start = time.perf_counter()
+    checked = verifier.verify_batch([tasks[b] for b in range(B) if answered[b]])
+    verify_s = time.perf_counter() - start
+    verdicts = [None] * B
+    for b, verdict in zip([b for b in range(B) if answered[b]], checked):
+        verdicts[b] = verdict
+    for b in range(B):
+        if verdicts[b] is None:
+            verdicts[b] = Verdict(REJECTED, reason=f"the episode ended without an answer ({out.end[b]})")
+    failed = [b for b in range(B) if verdicts[b].status != VALID]
+    feedback, feedback_s = {}, 0.0
+    if provider is not None and failed:
+        start = time.perf_counter()
+        requests = [FeedbackRequest(tasks[b].statement, tasks[b].code, feedback_messages(verdicts[b]), trajectory=texts[b])
+                    for b in failed]
+        feedback = dict(zip(failed, provider.feedback(requests)))
+        feedback_s = time.perf_counter() - start
+    episodes = [{"end": out.end[b], "turns": [dataclasses.asdict(t) for t in out.turns[b]], "calls": env.calls[b]}
+                for b in range(B)]
+    st = out.stats
+    timings = {"generate_s": st["prefill_s"] + st["generate_s"] + st["append_s"], "tool_s": st["tool_s"],
+               "episode_host_s": st["host_s"], "verify_s": verify_s, "feedback_s": feedback_s, "wait_s": 0.0}
+    counts = {"turns": float(sum(len(t) for t in out.turns)),
+              "tool_calls": float(sum(len(c) for c in env.calls)),
+              "tool_errors": float(sum(not c["ok"] for calls in env.calls for c in calls)),
+              "prefill_tokens": st["prefill_tokens"], "decode_steps": st["decode_steps"]}
+    finish = ["length" if e == "length" else "stop" for e in out.end]
+    return _Samples(out.tokens, out.logprobs, texts, finish, tasks, verdicts, feedback, timings,
+                    masks=out.mask, episodes=episodes, counts=counts)
 
 
 def _teacher_prompts(
@@ -197,6 +285,7 @@ def run_rollout(
     seed: int = 0,
     step: int = 0,
     workdir: str | pathlib.Path | None = None,
+    episodes: EpisodeSetup | None = None,
 ) -> RolloutResult:
     """Roll out P problems x G samples and build the `TrainBatch` (rows b = p * G + g).
 
@@ -206,6 +295,8 @@ def run_rollout(
     feedback: asked about failed rollouts when `config.request_feedback`; None = no feedback.
     The verifier's and provider's own failures arrive as verdicts / fallback texts; an exception here
     means a bug or a misconfiguration (e.g. an empty prompt).
+    episodes: None = single-turn sampling through `generate_fn`; else multi-turn episodes with these
+      budgets and tools (`generate_fn` is not used; the sampler seed is `seed`).
     """
     if generate_fn is None:
         from fd_jax.rollout.sampling import generate as generate_fn
@@ -216,10 +307,14 @@ def run_rollout(
     student_texts = [fmt.render(p) for p in problems]
     student_prompts = [encode(t) for t in student_texts]
     provider = feedback if config.request_feedback else None
-    s = _sample_and_check(
-        problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
-        provider=provider, config=config, generate_fn=generate_fn, seed=seed,
-    )
+    if episodes is None:
+        s = _sample_and_check(
+            problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+            provider=provider, config=config, generate_fn=generate_fn, seed=seed,
+        )
+    else:
+        s = _episodes_and_check(problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt,
+                                verifier=verifier, provider=provider, config=config, setup=episodes, seed=seed)
 
     start = time.perf_counter()
     rewards_B = np.array([v.reward for v in s.verdicts], np.float32)
@@ -237,6 +332,7 @@ def run_rollout(
         distill_mask_B=distill_B,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         pad_multiple=config.pad_multiple,
+        completion_masks=s.masks,
     )
     truncated_B = np.array([f == "length" for f in s.finish], np.float32)
     batch_s = time.perf_counter() - start
@@ -258,6 +354,7 @@ def run_rollout(
             "reward": float(rewards_B[b]),
             "advantage": float(advantages_B[b]),
             "distilled": bool(distill_B[b]),
+            **(s.episodes[b] if s.episodes is not None else {}),
         }
         for b in range(B)
     ]
@@ -272,6 +369,7 @@ def run_rollout(
         "distilled": float(distill_B.sum()),
         "truncated": float(truncated_B.sum()),
         "reprompts_truncated": reprompts_cut,
+        **s.counts,
     }
     for v in s.verdicts:
         counts[v.status] = counts.get(v.status, 0) + 1

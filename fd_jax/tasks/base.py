@@ -5,13 +5,14 @@ A `Task` is looked up by name (`config.data.task`, `scripts/evaluate.py --task`)
 nothing outside `fd_jax/tasks/` branches on the task's name. Its methods read the run's ml_collections config
 (the `data.*` fields, and a task's own section such as `lean.*`) and raise `ConfigError` naming the field.
 
-An episode today is one turn without tools: render the problem, sample one completion, `extract` it into a
-`ProofTask`, verify it, and give a verdict (and, for FD, feedback) on it. Episodes of several turns with tool
-calls extend this rather than replace it: such a task sets `max_turns > 1` and names its `tools` (name -> a
-host callable from the call's text to the observation's text); the rollout then samples until a tool call
-or a final answer, appends each observation to the context, and extracts and verifies the final answer as
-now, with the observation tokens masked out of the loss. A single-turn task is the case `max_turns = 1`,
-`tools = {}`, which is what the rollout supports at present.
+An episode is one turn without tools by default: render the problem, sample one completion, `extract` it
+into a `ProofTask`, verify it, and give a verdict (and, for FD, feedback) on it. A task with tools sets
+`episodic = True` and returns its tools from `make_tools` (name -> `fd_jax.tasks.tools.Tool`); the rollout
+then runs episodes of several turns (`fd_jax.rollout.episodes`, budgets in `config.episode`): the model
+writes until a tool call or a final answer, each tool result is appended to its context, and the final
+answer (the `submit` call's, or the last turn's) is extracted and verified as a single-turn completion is,
+with the tool output masked out of the loss. A single-turn task (`episodic = False`) takes the
+single-turn path unchanged.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class Task:
     default_num_problems: ClassVar[int] = 0  # scripts/evaluate.py's --num_problems 0: 0 = every problem of the source
     default_max_new_tokens: ClassVar[int] = 2048  # scripts/evaluate.py's completion budget for --model
     reads_problem_file: ClassVar[bool] = False  # whether the problems come from data.path (--problems)
-    max_turns: ClassVar[int] = 1  # turns per episode (see the module docstring)
-    tools: ClassVar[Mapping[str, Callable[[str], str]]] = {}  # tools the policy may call within an episode
+    episodic: ClassVar[bool] = False  # episodes of several turns with the tools of `make_tools` (config.episode)
 
     def check(self, cfg: config_dict.ConfigDict) -> None:
         """Raises ConfigError for a setting this task cannot work with (called by config validation)."""
@@ -57,6 +57,10 @@ class Task:
     def verifier(self, cfg: config_dict.ConfigDict) -> Verifier:
         """This host's checker (a context manager: the caller closes it)."""
         raise NotImplementedError
+
+    def make_tools(self, cfg: config_dict.ConfigDict, verifier: Verifier) -> Mapping[str, Callable[..., str]]:
+        """The tools of an episodic task (name -> `fd_jax.tasks.tools.Tool`), given this host's verifier."""
+        return {}
 
     def source(self, cfg: config_dict.ConfigDict) -> str:
         """Where the problems come from, for reports."""

@@ -119,6 +119,21 @@ def build_verifier(cfg: config_dict.ConfigDict) -> Verifier:
     return get_task(cfg.data.task).verifier(cfg)
 
 
+def build_episodes(cfg: config_dict.ConfigDict, verifier: Verifier):
+    """The episode set-up (budgets of `config.episode`, the task's tools) of a task with tools; None for a
+    single-turn task, whose rollouts then take the single-turn path."""
+    task = get_task(cfg.data.task)
+    if not task.episodic:
+        return None
+    if jax.process_count() > 1:  # the episode sampler runs each host's rows on its own, not as one program
+        raise ConfigError(f"config.data.task = {cfg.data.task!r}: episodes with tools run on a single host so far; "
+                          f"use one host (a single TPU VM or GPU machine)")
+    from fd_jax.config.schema import EpisodeConfig, from_section
+    from fd_jax.rollout.rollout import EpisodeSetup
+
+    return EpisodeSetup(from_section(EpisodeConfig, cfg.episode), dict(task.make_tools(cfg, verifier)))
+
+
 def build_feedback(cfg: config_dict.ConfigDict, workdir: pathlib.Path):
     """The feedback provider; an LLM provider's answers are cached under the workdir when asked."""
     from fd_jax.feedback import get_provider

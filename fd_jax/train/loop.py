@@ -114,6 +114,7 @@ class _Run:
     generate_fn: Any
     param_shapes: Any  # the params' ShapeDtypeStructs: restore targets are built from them
     feedback_totals: dict[str, float] = dataclasses.field(default_factory=dict)
+    episodes: Any = None  # a task with tools: its EpisodeSetup (None: single-turn rollouts)
 
     def stage_dir(self, stage: Stage) -> pathlib.Path:
         return self.workdir / stage.subdir if stage.subdir else self.workdir
@@ -180,6 +181,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     # Built (and so checked: a missing Lean is refused here) before the model loads; on a later failure
     # the pool's finalizer stops its workers.
     verifier = components.build_verifier(cfg)
+    episodes = components.build_episodes(cfg, verifier)  # None unless the task has tools
     feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
 
     policy = components.build_policy(cfg, mesh=mesh, weights=fresh)
@@ -207,7 +209,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     with verifier, StopSignal() as stop:
         run = _Run(cfg, workdir, mesh, graphdef, policy, components.build_format(cfg, policy.tokenizer), verifier,
                    feedback, ShuffledIterator(problems, seed=cfg.data.shuffle_seed), eval_problems, run_log, stop,
-                   generate_fn, param_shapes)
+                   generate_fn, param_shapes, episodes=episodes)
         try:
             for index in range(first_stage, len(plan)):
                 stage = plan[index]
@@ -294,8 +296,8 @@ def _rollout(run: _Run, stage: Stage, params, problems: list, step: int) -> Roll
     rollouts_dir = run.workdir if multihost.is_writer() else run.workdir / "hosts" / str(jax.process_index())
     return run_rollout(problems, model=model, tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier,
                        feedback=run.feedback if stage.rollout.request_feedback else None, config=stage.rollout,
-                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step,
-                       workdir=rollouts_dir)
+                       generate_fn=run.generate_fn, seed=derive_seed(run.cfg.seed, step), step=step, workdir=rollouts_dir,
+                       episodes=run.episodes)
 
 
 def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: int, data_state: dict):

@@ -14,6 +14,9 @@ from fd_jax.verification import STATUSES, VALID
 from fd_jax.rollout.rollout import RolloutResult
 
 TIMINGS = ("generate_s", "verify_s", "feedback_s", "wait_s", "batch_s", "total_s")
+# Counters of multi-turn episodes (present on every host when the task has tools), logged as episode/KEY.
+EPISODE_COUNTS = ("turns", "tool_calls", "tool_errors", "prefill_tokens", "decode_steps")
+EPISODE_TIMINGS = ("tool_s", "episode_host_s")
 
 
 def rollout_sums(result: RolloutResult, num_generations: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -34,8 +37,9 @@ def rollout_sums(result: RolloutResult, num_generations: int) -> tuple[dict[str,
     }
     for status in STATUSES:
         sums[f"status/{status}"] = float(result.counts.get(status, 0))
+    sums.update({f"episode/{key}": float(result.counts[key]) for key in EPISODE_COUNTS if key in result.counts})
     how = {key: "sum" for key in sums}
-    for key in TIMINGS:
+    for key in TIMINGS + tuple(k for k in EPISODE_TIMINGS if k in result.timings):
         sums[f"time/{key}"] = float(result.timings.get(key, 0.0))
         how[f"time/{key}"] = "max"  # the slowest host sets the pace
     return sums, how
@@ -70,6 +74,8 @@ def finish_rollout(sums: Mapping[str, float]) -> dict[str, float]:
             out["time/rollout_s" if key == "time/total_s" else key] = value
         elif key.startswith("feedback/"):
             out[key] = value
+        elif key.startswith("episode/"):  # per rollout: turns, tool calls, ... per episode
+            out[f"{key}_mean"] = value / rollouts
     return out
 
 

@@ -11,6 +11,8 @@ import pathlib
 
 import pytest
 
+from fd_jax.tasks import get_task
+
 from fd_jax.config import defaults as config_defaults
 from fd_jax.config.errors import ConfigError
 from fd_jax.config.validation import config_from_json, validate
@@ -42,7 +44,7 @@ def test_every_shipped_config_validates(name, local_files):
     cfg = load(name)
     if cfg.model.source == "hf":
         cfg.model.path = str(local_files[0])
-    if cfg.data.task == "lean":
+    if get_task(cfg.data.task).reads_problem_file:
         cfg.data.path = str(local_files[1])
     validate(cfg)
     for algorithm in ("fd", "grpo", "fd_then_grpo"):

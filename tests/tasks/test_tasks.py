@@ -14,10 +14,10 @@ from fd_jax.tasks import TASKS, get_task, prompt_format_names
 from fd_jax.verification import INVALID, VALID, ProofTask
 
 
-def test_registry_knows_both_tasks_and_names_the_known_ones():
-    assert set(TASKS) == {"arithmetic", "lean"}
+def test_registry_knows_the_tasks_and_names_the_known_ones():
+    assert set(TASKS) == {"arithmetic", "arithmetic_tools", "lean", "lean_agentic"}
     assert set(prompt_format_names()) == {"arithmetic", "arithmetic_chat", "lean_completion", "lean_chat"}
-    with pytest.raises(ValueError, match=r"unknown task 'chess'; known: \['arithmetic', 'lean'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'chess'; known: \['arithmetic', 'arithmetic_tools', 'lean', 'lean_agentic'\]"):
         get_task("chess")
 
 
@@ -76,3 +76,13 @@ def test_task_checks_name_the_field(tmp_path, task, changes, message):
     cfg.data.update(**changes)
     with pytest.raises(ConfigError, match=message):
         get_task(task).check(cfg)
+
+
+def test_only_the_tool_task_is_episodic_and_it_refuses_single_turn_evaluation():
+    assert [name for name, task in TASKS.items() if task.episodic] == ["arithmetic_tools", "lean_agentic"]
+    task = get_task("arithmetic_tools")
+    assert set(task.make_tools(base_config(), None)) == {"calculator", "submit"}
+    cfg = base_config()
+    cfg.data.task, cfg.eval.every_steps = "arithmetic_tools", 5
+    with pytest.raises(ConfigError, match=r"config.eval.every_steps = 5: periodic evaluation runs single-turn"):
+        task.check(cfg)

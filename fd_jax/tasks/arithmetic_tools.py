@@ -1,0 +1,46 @@
+"""The arithmetic test bed with a `calculator` tool: the whole multi-turn path (episodes, tools, masked
+losses) on any CPU, without Lean. Problems, checker and answer extraction are the arithmetic task's; the
+prompt says how to call the calculator, and an episode ends with an answer ("Answer: N" and the stop
+token) or a `submit` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ml_collections import config_dict
+
+from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticTask
+from fd_jax.tasks.base import fail
+
+# Literal braces of the JSON call are doubled: the template is filled with str.format.
+TOOLS_TEMPLATE = (
+    "{context}{statement}\n"
+    'To use the calculator write <tool>{{"name": "calculator", "arguments": {{"expression": "12 * 7"}}}}</tool> '
+    "and read its result. End with 'Answer: ' and the integer.\n"
+)
+
+
+class ArithmeticToolsTask(ArithmeticTask):
+    """`arithmetic` with episodes: tools `calculator` and `submit`, budgets in `config.episode`."""
+
+    name = "arithmetic_tools"
+    episodic = True
+
+    def check(self, cfg: config_dict.ConfigDict) -> None:
+        super().check(cfg)
+        if cfg.eval.every_steps or cfg.eval.at_end:
+            raise fail("eval.every_steps", cfg.eval.every_steps, "periodic evaluation runs single-turn "
+                       "generation, not episodes; set eval.every_steps=0 and eval.at_end=False for "
+                       "data.task=arithmetic_tools")
+
+    def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
+        fmt = super().prompt_format(cfg, tokenizer)
+        if not cfg.data.prompt_template:
+            fmt.template = TOOLS_TEMPLATE
+        return fmt
+
+    def make_tools(self, cfg: config_dict.ConfigDict, verifier: Any) -> dict[str, Any]:
+        from fd_jax.tasks.tools import Calculator, submit_tool
+
+        return {"calculator": Calculator(), "submit": submit_tool}

@@ -96,7 +96,7 @@ def lean_config() -> config_dict.ConfigDict:
 def feedback_config() -> config_dict.ConfigDict:
     """The feedback provider (fd_jax.feedback.get_provider); unused by GRPO."""
     f = config_dict.ConfigDict()
-    f.provider = "lean_errors"  # lean_errors (no LLM) | openai | anthropic
+    f.provider = "lean_errors"  # lean_errors (no LLM) | checker (no LLM: message texts only) | openai | anthropic
     f.model = ""  # openai / anthropic: the model name
     f.base_url = ""  # openai / anthropic: endpoint ("" = the provider's public API)
     f.api_key_env = ""  # environment variable holding the API key ("" = OPENAI_API_KEY / ANTHROPIC_API_KEY)

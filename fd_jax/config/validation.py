@@ -21,7 +21,7 @@ ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
 MODEL_SOURCES = ("hf", "init", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16")
 # The feedback providers a config can build (`local` needs a second model object, so it is library-only).
-CONFIG_FEEDBACK_PROVIDERS = ("lean_errors", "openai", "anthropic")
+CONFIG_FEEDBACK_PROVIDERS = ("lean_errors", "checker", "openai", "anthropic")
 HTTP_PROVIDERS = ("openai", "anthropic")
 
 # field path -> allowed values (those that name a registry are added in `_choices`).
@@ -103,6 +103,9 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if d.system_prompt and not d.prompt_format.endswith("_chat"):
         raise _fail("data.system_prompt", d.system_prompt,
                     f"data.prompt_format={d.prompt_format} has no system turn; use a _chat format or ''")
+    if cfg.rollout.context_placement != "user" and not d.prompt_format.endswith("_chat"):
+        raise _fail("rollout.context_placement", cfg.rollout.context_placement,
+                    f"data.prompt_format={d.prompt_format} has no chat turns; use a _chat format or 'user'")
     if cfg.feedback.provider in HTTP_PROVIDERS and not cfg.feedback.model and _uses_feedback(cfg):
         raise _fail("feedback.model", "", f"feedback.provider={cfg.feedback.provider} needs a model name")
     stages(cfg)  # the step, optim and rollout dataclasses check their fields, named

@@ -161,18 +161,21 @@ def _teacher_prompts(
     prompts, contexts, distill_B, cut = [], [], np.zeros(len(s.tasks), np.float32), 0
     for b in range(len(s.tasks)):
         p = b // G
-        solution = None
+        solution = solved_reply = None
         if config.use_successful_as_teacher:
             solved = [j for j in range(p * G, p * G + G) if s.verdicts[j].status == VALID]
             if config.dont_reprompt_on_self_success:
                 solved = [j for j in solved if j != b]
             if solved:
                 solution = fmt.demonstration(s.tasks[solved[0]])  # the first solved sibling, as SDPO does
+                solved_reply = s.texts[solved[0]]
         feedback = s.feedback.get(b)
         reprompt = None
         if feedback is not None or solution is not None:
             reprompt = build_reprompt(fmt, problems[p], feedback=feedback, solution=solution, encode=encode,
-                                      templates=config.templates, max_len=config.max_reprompt_len)
+                                      templates=config.templates, max_len=config.max_reprompt_len,
+                                      placement=config.context_placement, attempt=s.texts[b],
+                                      solved_reply=solved_reply)
         if reprompt is None:
             prompts.append(student_prompts[p])
             contexts.append(None)

@@ -21,7 +21,7 @@ from ml_collections import config_dict
 
 from fd_jax.data.extraction import strip_think
 from fd_jax.data.problems import Problem
-from fd_jax.data.prompts import fill, render_chat
+from fd_jax.data.prompts import ChatMessages, fill
 from fd_jax.tasks.base import Task, fail, format_options
 from fd_jax.verification import INVALID, REJECTED, VALID, ProofTask, Verdict
 
@@ -249,19 +249,27 @@ class ArithmeticFormat:
     def add_special_tokens(self) -> bool:
         return self.tokenizer is None
 
-    def render(self, problem: Problem, context: str = "") -> str:
+    def _ask(self, statement: str, context: str = "") -> str:
         chat = self.tokenizer is not None
         template = self.template or (ARITHMETIC_CHAT_TEMPLATE if chat else ARITHMETIC_TEMPLATE)
+        return fill(template, context=context, statement=statement, header="", informal="")
 
-        def ask(statement: str, ctx: str = "") -> str:
-            return fill(template, context=ctx, statement=statement, header="", informal="")
+    def _shown(self, problem: Problem) -> list[tuple[str, int]]:
+        return [(s, a) for s, a in self.examples if s != problem.statement]
 
-        shown = [(s, a) for s, a in self.examples if s != problem.statement]
-        if chat:
-            turns = [(ask(s), f"Answer: {a}") for s, a in shown]
-            return render_chat(self.tokenizer, ask(problem.statement, context), system=self.system, turns=turns)
+    def messages(self, problem: Problem, context: str = "") -> ChatMessages:
+        """The chat turns (chat style only; raises ValueError for the completion style)."""
+        if self.tokenizer is None:
+            raise ValueError("ArithmeticFormat: chat messages need the chat format (give the tokenizer)")
+        turns = tuple((self._ask(s), f"Answer: {a}") for s, a in self._shown(problem))
+        return ChatMessages(self.system, turns, self._ask(problem.statement, context))
+
+    def render(self, problem: Problem, context: str = "") -> str:
+        if self.tokenizer is not None:
+            return self.messages(problem, context).render(self.tokenizer)
         # Completion style: the template ends with the answer cue, so an example's reply is the bare integer.
-        return "".join(f"{ask(s)}{a}\n\n" for s, a in shown) + ask(problem.statement, context)
+        shown = self._shown(problem)
+        return "".join(f"{self._ask(s)}{a}\n\n" for s, a in shown) + self._ask(problem.statement, context)
 
     def extract(self, problem: Problem, completion: str) -> ProofTask:
         """The answer: the first line after the last 'Answer:' (or of the whole text when there is none)."""

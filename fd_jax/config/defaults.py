@@ -146,6 +146,8 @@ def base_config() -> config_dict.ConfigDict:
     c.log.every_steps = 1  # plain log line every N steps (when there is no progress bar)
     c.log.progress = "auto"  # progress bar: auto (on a terminal) | true | false
     c.log.plot_every_steps = 10  # refresh DIR/curves.png every N steps (and at the end)
+    c.log.teacher_diagnostics = True  # FD stages: teacher/* metrics every step (one extra forward pass, no grad)
+    c.log.teacher_diagnostics_first_k = 3  # teacher/kl_first_k_share: the share of the KL on the first k tokens
     c.log.tensorboard = True  # TensorBoard event files under DIR/tensorboard (needs tensorboardX)
     c.log.wandb_project = ""  # Weights & Biases project ("" = off; needs `pip install wandb`)
     c.log.wandb_entity = ""  # W&B entity ("" = your default)

@@ -28,6 +28,7 @@ from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.rollout.sample import SampledChunk, sample_chunks
 from fd_jax.verification import VALID, ProofTask, Verdict, Verifier
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
+from fd_jax.rl.diagnostics import probe_batch
 
 __all__ = ["RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
 
@@ -39,13 +40,16 @@ class RolloutResult:
     mostly hidden behind generation), wait_s (host time not hidden: after the last chunk), batch_s, total_s.
     counts: rollouts, statuses, distilled rows, truncated completions and reprompts, and the feedback
     provider's running totals (feedback_*, since the provider was built).
-    truncated_B: 1.0 where the completion hit max_new_tokens without a stop token."""
+    truncated_B: 1.0 where the completion hit max_new_tokens without a stop token.
+    probe: the teacher-advantage probe (`fd_jax.rl.diagnostics.probe_batch`): each distilled row's teacher
+    prompt with a verified-correct sibling's completion; None when no row has one."""
 
     batch: TrainBatch
     records: list[dict[str, Any]]
     timings: dict[str, float]
     counts: dict[str, float]
     truncated_B: np.ndarray
+    probe: TrainBatch | None = None
 
 
 def group_advantages(rewards_PG: np.ndarray, *, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
@@ -238,9 +242,14 @@ def run_rollout(
         rewards_B=rewards_B,
         advantages_B=advantages_B,
         distill_mask_B=distill_B,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_id=batch_pad_id(tokenizer),
         pad_multiple=config.pad_multiple,
     )
+    probe = probe_batch(
+        student_prompts=[student_prompts[b // G] for b in range(B)], teacher_prompts=teacher_prompts,
+        completions=s.completions, logprobs=s.logprobs, correct_B=np.array([v.status == VALID for v in s.verdicts]),
+        distill_B=distill_B, group=G, pad_id=batch_pad_id(tokenizer), pad_multiple=config.pad_multiple,
+    ) if distill_B.any() else None
     truncated_B = np.array([f == "length" for f in s.finish], np.float32)
     batch_s = time.perf_counter() - start
 
@@ -281,4 +290,8 @@ def run_rollout(
     if provider is not None:
         counts.update({f"feedback_{k}": v for k, v in provider.stats.as_dict().items()})
     timings = {**s.timings, "batch_s": batch_s, "total_s": time.perf_counter() - total_start}
-    return RolloutResult(batch, records, timings, counts, truncated_B)
+    return RolloutResult(batch, records, timings, counts, truncated_B, probe)
+
+
+def batch_pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

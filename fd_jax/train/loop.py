@@ -52,6 +52,7 @@ from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
 from fd_jax.rollout.sample import derive_seed
 from fd_jax.tasks import get_task
+from fd_jax.rl.diagnostics import make_diagnostics
 from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,9 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
     cfg = run.cfg
     optimizer = make_optimizer(stage.optim)
     step_fn = make_train_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
+    diagnose = None
+    if cfg.log.teacher_diagnostics and stage.step.distill_weight > 0:
+        diagnose = make_diagnostics(run.graphdef, stage.step, first_k=cfg.log.teacher_diagnostics_first_k)
     if meta.get("data"):
         run.iterator.load_state_dict(meta["data"])
     done = int(meta["step"])
@@ -343,6 +347,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                                             next_data_state)
             train_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
+            diagnosed = _diagnose(diagnose, state, batch, rollout, run.mesh, pad_id)  # before the step moves θ, φ
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)
@@ -350,6 +355,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             per_iteration = [{k: float(v) for k, v in m.items()} for m in jax.device_get(per_iteration)]
             record = _record(run, stage, step, rollout, per_iteration, start, time.perf_counter() - train_start,
                              epoch=data_state["epoch"])
+            record.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
             # eval.at_end evaluates here too, so that its eval/* scores reach metrics.jsonl and TensorBoard.
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
                 record.update(_evaluate(run, stage, state.params, step))
@@ -365,6 +371,17 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                 return False, step
     _finish_stage(run, stage, state, stage.last, trained=trained > 0)
     return True, stage.last
+
+
+def _diagnose(diagnose, state: TrainState, batch: dict, rollout: RolloutResult, mesh, pad_id: int) -> dict:
+    """The teacher/* metrics of this batch (`fd_jax.rl.diagnostics`), {} when off. With several hosts the
+    probe is left out: hosts may differ in whether they have probe rows, and all must run one program."""
+    if diagnose is None:
+        return {}
+    probe = None
+    if rollout.probe is not None and jax.process_count() == 1:
+        probe = multihost.global_batch(rollout.probe, mesh, pad_id=pad_id)
+    return diagnose(state, batch, probe)
 
 
 def _meta(run: _Run, stage: Stage, step: int, data_state: dict) -> dict:

@@ -123,6 +123,7 @@ def base_config() -> config_dict.ConfigDict:
     c.num_iterations = 1  # optimizer steps per rollout batch (2nd+ are off-policy, importance-corrected)
     c.multihost = "auto"  # jax.distributed.initialize(): auto (on pods) | true | false
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
+    c.preflight_problems = 0  # fresh FD runs: first check whether the teacher knows more, on N problems (0 = off)
 
     c.mesh = config_dict.ConfigDict()
     c.mesh.data = 1  # data-parallel axis (replicated weights)

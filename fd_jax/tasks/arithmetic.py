@@ -283,6 +283,12 @@ class ArithmeticFormat:
     def demonstration(self, task: ProofTask) -> str:
         return f"{task.statement}\nAnswer: {task.code}"
 
+    def reference_completion(self, problem: Problem) -> str:
+        """A correct completion as the model should write it (chat: "Answer: N"; completion style: "N",
+        the template ending with the cue), for the pre-flight check and supervised targets."""
+        answer = answer_of(problem.statement)
+        return f"Answer: {answer}" if self.tokenizer is not None else str(answer)
+
 
 class ArithmeticTask(Task):
     """The test bed as a task: generated problems of `data.level`, the formats above, the exact checker."""

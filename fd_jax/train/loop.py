@@ -220,6 +220,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
         run = _Run(cfg, workdir, mesh, graphdef, policy, components.build_format(cfg, policy.tokenizer), verifier,
                    feedback, ShuffledIterator(problems, seed=cfg.data.shuffle_seed), eval_problems, run_log, stop,
                    generate_fn, param_shapes)
+        if fresh and cfg.preflight_problems:
+            _preflight(run, plan, problems)
         try:
             for index in range(first_stage, len(plan)):
                 stage = plan[index]
@@ -236,6 +238,23 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     log.info("%s at step %d; logs in %s; %d XLA programs built in this process (%.1f s)", status, step, workdir,
              *compilations.totals().values())
     return {"status": status, "step": step, "workdir": str(workdir)}
+
+
+def _preflight(run: _Run, plan: list[Stage], problems: list) -> None:
+    """`fd_jax.eval.preflight` with the initial policy and the first FD stage's rollout settings, before any
+    update: the verdict line goes to the log and the numbers to DIR/preflight.json."""
+    from fd_jax.eval.preflight import preflight
+
+    stage = next((s for s in plan if s.step.distill_weight > 0), None)
+    if stage is None or run.feedback is None:
+        return
+    report = preflight(multihost.host_shard(problems[: run.cfg.preflight_problems]), model=run.policy.model,
+                       tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier, feedback=run.feedback,
+                       config=stage.rollout, step_cfg=stage.step, generate_fn=run.generate_fn,
+                       seed=derive_seed(run.cfg.seed, 0))
+    run.log.message(report.line())
+    if multihost.is_writer():
+        (run.workdir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
 
 
 def _evaluates(cfg) -> bool:

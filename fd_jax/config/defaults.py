@@ -115,7 +115,7 @@ def feedback_config() -> config_dict.ConfigDict:
 def base_config() -> config_dict.ConfigDict:
     """The full default configuration: a random tiny model on the arithmetic test bed, FD, 40 steps."""
     c = config_dict.ConfigDict()
-    c.algorithm = "fd"  # fd | grpo | fd_then_grpo
+    c.algorithm = "fd"  # fd | grpo | fd_then_grpo | sft (supervised targets of the task; see c.sft)
     c.seed = 0  # seeds the sampler (per step); model.init_seed and data.shuffle_seed seed the rest
     c.total_steps = 40  # training steps (one rollout batch each); fd_then_grpo: both stages together
     c.fd_steps = 20  # fd_then_grpo: steps of the FD stage (< total_steps); the GRPO stage runs the rest
@@ -129,6 +129,10 @@ def base_config() -> config_dict.ConfigDict:
     c.mesh.data = 1  # data-parallel axis (replicated weights)
     c.mesh.fsdp = -1  # fully sharded axis (-1 = the remaining devices)
     c.mesh.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary)
+
+    c.sft = config_dict.ConfigDict()  # algorithm=sft: supervised (prompt, target) pairs from the task
+    c.sft.feedback_fraction = 0.4  # share of examples whose prompt carries feedback on a wrong answer
+    c.sft.hint_fraction = 0.2  # share whose prompt carries a solved copy of the problem (the rest: bare)
 
     c.model = model_config()  # the policy: where its weights and tokenizer come from, dtypes
     c.data = data_config()  # problems, prompt format, problems per step

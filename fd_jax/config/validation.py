@@ -17,7 +17,7 @@ from fd_jax.data.prompts import fill
 from fd_jax.tasks import TASKS, get_task, prompt_format_names
 from fd_jax.train.stages import stages
 
-ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
+ALGORITHMS = ("fd", "grpo", "fd_then_grpo", "sft")
 MODEL_SOURCES = ("hf", "init", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16")
 # The feedback providers a config can build (`local` needs a second model object, so it is library-only).
@@ -84,6 +84,11 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if cfg.algorithm == "fd_then_grpo" and not 1 <= cfg.fd_steps < cfg.total_steps:
         raise _fail("fd_steps", cfg.fd_steps,
                     f"fd_then_grpo needs 1 <= fd_steps < total_steps ({cfg.total_steps}); the GRPO stage runs the rest")
+    for path in ("sft.feedback_fraction", "sft.hint_fraction"):
+        if not 0.0 <= get(cfg, path) <= 1.0:
+            raise _fail(path, get(cfg, path), "must be in [0, 1]")
+    if cfg.sft.feedback_fraction + cfg.sft.hint_fraction > 1.0:
+        raise _fail("sft.hint_fraction", cfg.sft.hint_fraction, "sft.feedback_fraction + sft.hint_fraction must be <= 1")
     ks = tuple(cfg.eval.ks)
     if not ks or min(ks) < 1 or max(ks) > cfg.eval.n:
         raise _fail("eval.ks", ks, f"every k must be in [1, eval.n = {cfg.eval.n}]")

@@ -295,6 +295,7 @@ class ArithmeticTask(Task):
 
     name = "arithmetic"
     prompt_formats = ("arithmetic", "arithmetic_chat")
+    supervised = True
     default_num_problems = 32  # problems generated when no count is given
     default_max_new_tokens = 16  # an answer is a number and a stop token
 
@@ -320,3 +321,27 @@ class ArithmeticTask(Task):
 
     def source(self, cfg: config_dict.ConfigDict) -> str:
         return f"arithmetic:{cfg.data.level}"
+
+    def sft_pair(self, cfg: config_dict.ConfigDict, fmt: ArithmeticFormat, problem: Problem, *, rng: Any,
+                 feedback_fn: Any, templates: Any, placement: str) -> tuple[str, str]:
+        """The correct answer as the target, after: the question with feedback on a wrong answer (the
+        correct one +- 1..10; probability `sft.feedback_fraction`), the question with a solved copy of it as a
+        hint (`sft.hint_fraction`), or the bare question (the rest)."""
+        from fd_jax.data.reprompt import render_teacher_prompt
+        from fd_jax.feedback import FeedbackRequest
+
+        answer, target = answer_of(problem.statement), fmt.reference_completion(problem)
+        u = rng.random()
+        if u < cfg.sft.feedback_fraction:
+            wrong = str(answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 11)))
+            request = FeedbackRequest(problem.statement, wrong, check_answer(problem.statement, wrong).messages)
+            attempt = f"Answer: {wrong}" if fmt.tokenizer is not None else wrong
+            prompt = render_teacher_prompt(fmt, problem, feedback=feedback_fn(request), solution=None,
+                                           templates=templates, placement=placement, attempt=attempt)
+        elif u < cfg.sft.feedback_fraction + cfg.sft.hint_fraction:
+            solved = ProofTask(statement=problem.statement, code=str(answer), header=None, id=problem.id)
+            prompt = render_teacher_prompt(fmt, problem, feedback=None, solution=fmt.demonstration(solved),
+                                           templates=templates, placement=placement, solved_reply=target)
+        else:
+            prompt = fmt.render(problem)
+        return prompt, target

@@ -192,7 +192,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     # Built (and so checked: a missing Lean is refused here) before the model loads; on a later failure
     # the pool's finalizer stops its workers.
     verifier = components.build_verifier(cfg)
-    feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
+    needs_feedback = any(s.rollout.request_feedback or s.name == "sft" for s in plan)  # sft: feedback in prompts
+    feedback = components.build_feedback(cfg, workdir) if needs_feedback else None
 
     policy = components.build_policy(cfg, mesh=mesh, weights=fresh)
     graphdef, params = nnx.split(policy.model)
@@ -334,6 +335,8 @@ def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: in
 
 def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[bool, int]:
     """Trains the stage's remaining steps. Returns (finished, last step done)."""
+    if stage.name == "sft":
+        return _run_sft_stage(run, stage, state, meta)
     cfg = run.cfg
     optimizer = make_optimizer(stage.optim)
     step_fn = make_train_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
@@ -386,6 +389,47 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             if stop:
                 if pending is not None:
                     pending.result()  # let the sampler thread finish; its batch is re-sampled on resume
+                run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
+                return False, step
+    _finish_stage(run, stage, state, stage.last, trained=trained > 0)
+    return True, stage.last
+
+
+def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[bool, int]:
+    """`_run_stage` for algorithm=sft: each step's problems become (prompt, target) pairs (`fd_jax.train.sft`)
+    and one supervised update; checkpoints, evaluation, signals and logs as in the RL stages."""
+    from fd_jax.rl.sft import make_sft_step
+    from fd_jax.train import sft as sft_lib
+
+    cfg = run.cfg
+    step_fn = make_sft_step(run.graphdef, make_optimizer(stage.optim), stage.step, learning_rate_schedule(stage.optim))
+    if meta.get("data"):
+        run.iterator.load_state_dict(meta["data"])
+    pad_id = run.policy.tokenizer.pad_token_id or 0
+    feedback_fn = lambda request: run.feedback.feedback([request])[0]  # noqa: E731
+    stage_dir, trained = run.stage_dir(stage), 0
+    ckpt = Checkpointer(stage_dir / CHECKPOINTS, max_to_keep=cfg.checkpoint.max_to_keep,
+                        async_save=cfg.checkpoint.async_save)
+    with ckpt:
+        for step in range(int(meta["step"]) + 1, stage.last + 1):
+            start = time.perf_counter()
+            problems, data_state = _take_problems(run)
+            examples = sft_lib.sft_examples(cfg, problems, fmt=run.fmt, rollout=stage.rollout,
+                                            feedback_fn=feedback_fn, step=step)
+            batch = sft_lib.sft_batch(examples, tokenizer=run.policy.tokenizer, fmt=run.fmt,
+                                      pad_multiple=stage.rollout.pad_multiple)
+            state, metrics = step_fn(state, multihost.global_batch(batch, run.mesh, pad_id=pad_id))
+            record = {"step": step, "stage": stage.name, "stage_step": step - stage.first + 1,
+                      "epoch": data_state["epoch"], **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                      "time/step_s": time.perf_counter() - start, "wall_time": time.time(), **compilations.totals()}
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
+                record.update(_evaluate(run, stage, state.params, step))
+            run.log.write(record, tensorboard_dir=stage_dir / TENSORBOARD)
+            trained += 1
+            stop = run.stop.should_stop()
+            if stop or step == stage.last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                ckpt.save(step, state, meta=_meta(run, stage, step, data_state), force=True)
+            if stop:
                 run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
                 return False, step
     _finish_stage(run, stage, state, stage.last, trained=trained > 0)

@@ -51,7 +51,8 @@ def data_config() -> config_dict.ConfigDict:
     d.level = "easy"  # task=arithmetic: easy | medium | hard
     d.num_problems = 1024  # task=arithmetic: training problems generated; task=lean: first N rows (0 = all)
     d.problem_seed = 0  # task=arithmetic: seed of the generated training problems
-    d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (disjoint stream)
+    d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (another stream)
+    d.exclude_eval_problems = False  # task=arithmetic: drop training problems whose question is a held-out one
     d.prompt_format = "arithmetic"  # arithmetic | arithmetic_chat | lean_completion | lean_chat
     d.prompt_template = ""  # template of the question: {context} {statement} {header} {informal} ("" = format default)
     d.system_prompt = ""  # lean_chat | arithmetic_chat: an optional system turn

@@ -88,7 +88,8 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         if not 0.0 <= get(cfg, path) <= 1.0:
             raise _fail(path, get(cfg, path), "must be in [0, 1]")
     if cfg.sft.feedback_fraction + cfg.sft.hint_fraction > 1.0:
-        raise _fail("sft.hint_fraction", cfg.sft.hint_fraction, "sft.feedback_fraction + sft.hint_fraction must be <= 1")
+        raise _fail("sft.hint_fraction", cfg.sft.hint_fraction,
+                    "sft.feedback_fraction + sft.hint_fraction must be <= 1")
     ks = tuple(cfg.eval.ks)
     if not ks or min(ks) < 1 or max(ks) > cfg.eval.n:
         raise _fail("eval.ks", ks, f"every k must be in [1, eval.n = {cfg.eval.n}]")

@@ -133,7 +133,8 @@ def preflight(
     reference = getattr(fmt, "reference_completion", None)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     G, batch = config.num_generations, result.batch
-    generated = [list(batch.completion_tokens_BC[b][batch.completion_mask_BC[b] > 0]) for b in range(len(result.records))]
+    generated = [list(batch.completion_tokens_BC[b][batch.completion_mask_BC[b] > 0])
+                 for b in range(len(result.records))]
     students, teachers, targets, problem_R = [], [], [], []
     for b, record in enumerate(result.records):
         if not record["distilled"]:

@@ -307,9 +307,21 @@ class ArithmeticTask(Task):
 
     def problems(self, cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
         d = cfg.data
+        held = make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
         if held_out:
-            return make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
-        return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+            return held
+        if not d.get("exclude_eval_problems", False):
+            return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+        # The streams are independent draws: at level easy (100 distinct questions) most held-out questions
+        # also occur in training. The training stream is read further until num_problems others are found.
+        unseen = {p.statement for p in held}
+        for extra in (2, 10):
+            kept = [p for p in make_problems(extra * d.num_problems, seed=d.problem_seed, level=d.level)
+                    if p.statement not in unseen]
+            if len(kept) >= d.num_problems:
+                return kept[: d.num_problems]
+        raise fail("data.exclude_eval_problems", True, f"level {d.level} has too few questions outside the "
+                   f"{len(unseen)} held-out ones for data.num_problems = {d.num_problems}")
 
     def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
         # The completion and the chat style are one format: it becomes a chat turn when given the tokenizer.

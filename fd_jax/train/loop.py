@@ -402,7 +402,8 @@ def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tu
     from fd_jax.train import sft as sft_lib
 
     cfg = run.cfg
-    step_fn = make_sft_step(run.graphdef, make_optimizer(stage.optim), stage.step, learning_rate_schedule(stage.optim))
+    optimizer = make_optimizer(stage.optim)
+    step_fn = make_sft_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
     if meta.get("data"):
         run.iterator.load_state_dict(meta["data"])
     pad_id = run.policy.tokenizer.pad_token_id or 0

@@ -30,6 +30,9 @@ def get_config():
 
     config.sft.feedback_fraction = 0.3  # "That is not right: wrong answer 13: ..." then the question
     config.sft.hint_fraction = 0.3  # the question solved as an earlier exchange, then the question
+    # Half the questions are never shown bare: with every question shown bare, the model answers from the
+    # question and learns to ignore the context (measured: the teacher knew less than the student).
+    config.sft.context_only_fraction = 0.5
     config.rollout.context_placement = "turns"  # the same placement for SFT pairs and FD teacher prompts
     config.rollout.use_successful_as_teacher = True  # FD: a solved sibling is shown as a worked exchange
     config.rollout.num_generations = 8

@@ -134,6 +134,7 @@ def base_config() -> config_dict.ConfigDict:
     c.sft = config_dict.ConfigDict()  # algorithm=sft: supervised (prompt, target) pairs from the task
     c.sft.feedback_fraction = 0.4  # share of examples whose prompt carries feedback on a wrong answer
     c.sft.hint_fraction = 0.2  # share whose prompt carries a solved copy of the problem (the rest: bare)
+    c.sft.context_only_fraction = 0.0  # share of the questions never shown bare (only with feedback or a hint)
 
     c.model = model_config()  # the policy: where its weights and tokenizer come from, dtypes
     c.data = data_config()  # problems, prompt format, problems per step

@@ -84,7 +84,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if cfg.algorithm == "fd_then_grpo" and not 1 <= cfg.fd_steps < cfg.total_steps:
         raise _fail("fd_steps", cfg.fd_steps,
                     f"fd_then_grpo needs 1 <= fd_steps < total_steps ({cfg.total_steps}); the GRPO stage runs the rest")
-    for path in ("sft.feedback_fraction", "sft.hint_fraction"):
+    for path in ("sft.feedback_fraction", "sft.hint_fraction", "sft.context_only_fraction"):
         if not 0.0 <= get(cfg, path) <= 1.0:
             raise _fail(path, get(cfg, path), "must be in [0, 1]")
     if cfg.sft.feedback_fraction + cfg.sft.hint_fraction > 1.0:

@@ -290,6 +290,13 @@ class ArithmeticFormat:
         return f"Answer: {answer}" if self.tokenizer is not None else str(answer)
 
 
+def _share_of(statement: str) -> float:
+    """A fixed number in [0, 1) per question (not Python's salted hash: the same in every process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(statement.encode()).digest()[:8], "big") / 2.0**64
+
+
 class ArithmeticTask(Task):
     """The test bed as a task: generated problems of `data.level`, the formats above, the exact checker."""
 
@@ -338,12 +345,17 @@ class ArithmeticTask(Task):
                  feedback_fn: Any, templates: Any, placement: str) -> tuple[str, str]:
         """The correct answer as the target, after: the question with feedback on a wrong answer (the
         correct one +- 1..10; probability `sft.feedback_fraction`), the question with a solved copy of it as a
-        hint (`sft.hint_fraction`), or the bare question (the rest)."""
+        hint (`sft.hint_fraction`), or the bare question (the rest). A share `sft.context_only_fraction` of
+        the questions (fixed by the question's text) is never shown bare: on those the model can only be
+        right by reading the context, which is what makes a teacher that knows more than the student."""
         from fd_jax.data.reprompt import render_teacher_prompt
         from fd_jax.feedback import FeedbackRequest
 
         answer, target = answer_of(problem.statement), fmt.reference_completion(problem)
         u = rng.random()
+        with_context = cfg.sft.feedback_fraction + cfg.sft.hint_fraction
+        if with_context > 0 and _share_of(problem.statement) < cfg.sft.context_only_fraction:
+            u *= with_context  # a question never shown bare: only its context tells the model its answer
         if u < cfg.sft.feedback_fraction:
             wrong = str(answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 11)))
             request = FeedbackRequest(problem.statement, wrong, check_answer(problem.statement, wrong).messages)

@@ -39,9 +39,10 @@ CFG = ModelConfig.from_hf(transformers.Qwen3Config(
 STEP = StepConfig(token_chunk=16, vocab_tile=64)
 
 
-def _pairs(step=1, n=8, feedback=0.4, hint=0.3):
+def _pairs(step=1, n=8, feedback=0.4, hint=0.3, context_only=0.0):
     cfg = base_config()
     cfg.sft.feedback_fraction, cfg.sft.hint_fraction = feedback, hint
+    cfg.sft.context_only_fraction = context_only
     feedback_fn = lambda request: get_provider("checker").feedback([request])[0]  # noqa: E731
     return sft_examples(cfg, make_problems(n, seed=5, level="medium"), fmt=ArithmeticFormat(),
                         rollout=RolloutConfig(), feedback_fn=feedback_fn, step=step)
@@ -66,6 +67,9 @@ def test_pairs_are_bare_with_feedback_or_with_a_hint_and_target_the_answer():
     assert kinds == {"bare", "feedback", "hint"}
     assert _pairs() == pairs and _pairs(step=2) != pairs  # drawn from (seed, step): a resume draws the same
     assert all(p == ArithmeticFormat().render(q) for (p, _), q in zip(_pairs(feedback=0.0, hint=0.0), problems))
+    # Questions marked context-only are never bare; with every question marked, no prompt is bare.
+    for step in range(1, 6):
+        assert all(p != ArithmeticFormat().render(q) for (p, _), q in zip(_pairs(step, context_only=1.0), problems))
 
 
 def test_sft_loss_is_the_targets_mean_nll_and_goes_down():

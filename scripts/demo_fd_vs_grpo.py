@@ -1,15 +1,20 @@
-"""FD vs GRPO vs FD→GRPO on the same number of samples: three training runs, one figure, one summary.
+"""FD vs GRPO vs FD→GRPO vs a no-update control on the same number of samples, over several seeds.
 
     python scripts/demo_fd_vs_grpo.py --out runs/demo      # SmolLM2-135M-Instruct, arithmetic, CPU
 
-Trains each algorithm with scripts/train_tpu.py (configs/smollm2_arith_cpu.py by default) into OUT/ALGO with
-identical sizes (steps, problems per step, generations per problem, completion budget, learning rate), so
-every run draws the same number of samples; evaluates the untrained model on the same held-out problems
-with the same sampling settings and seed as the runs' final evaluations (OUT/base, "step 0"); then writes
+Trains each algorithm with scripts/train_tpu.py (configs/smollm2_arith_cpu.py by default) into
+OUT/ALGO/seed_S for every seed S (sampler seed and data order), with identical sizes (steps, problems per
+step, generations per problem, completion budget, learning rate), so every run draws the same number of
+samples. `control` is a run whose learning rate is 0: the starting policy sampled the same way, the floor
+every method must beat. Training problems never include a held-out question (`data.exclude_eval_problems`).
+The untrained model is evaluated on the same held-out problems with the same sampling settings and seed
+as the runs' final evaluations (OUT/base, "step 0"); then it writes
 
-    OUT/demo.png       reward, policy entropy and KL(student, teacher) per step, and pass@k against k
-    OUT/pass_at_k.png  pass@k of the base model and of each final policy (fd_jax.eval.evaluation.plot_pass_at_k)
-    OUT/summary.json   the settings and, per run, the curves' summaries and the final evaluation
+    OUT/demo.png       reward, policy entropy and KL(student, teacher) per step (mean over seeds), and
+                       pass@k against k with 95% bootstrap intervals (over seeds and held-out problems)
+    OUT/pass_at_k.png  pass@k of the base model and of each final policy, seeds pooled
+    OUT/summary.json   the settings and, per run and seed, the curves' summaries and the final evaluation,
+                       and per run the seed-pooled pass@k with its interval
 
 Running it again resumes an interrupted run and redraws the figures from what the runs left.
 `--set FIELD=VALUE` overrides any config field in every run (e.g. `--set optim.learning_rate=2e-5`).
@@ -32,8 +37,12 @@ from typing import Any
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
-LABELS = {"fd": "FD", "grpo": "GRPO", "fd_then_grpo": "FD→GRPO", "base": "base model"}
+ALGORITHMS = ("fd", "grpo", "fd_then_grpo", "control")
+LABELS = {"fd": "FD", "grpo": "GRPO", "fd_then_grpo": "FD→GRPO", "control": "no-update control", "base": "base model"}
+# How each run is made from the shared config: the algorithm, plus its own overrides.
+RUNS = {"fd": {"algorithm": "fd"}, "grpo": {"algorithm": "grpo"}, "fd_then_grpo": {"algorithm": "fd_then_grpo"},
+        "control": {"algorithm": "grpo", "optim.learning_rate": "0.0"}}
+BOOTSTRAP = 2000  # resamples of the pass@k intervals
 SMOOTH = 5  # steps in the moving average drawn over the (noisy) per-step curves
 
 
@@ -42,15 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="directory of the runs, the figures and summary.json")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "smollm2_arith_cpu.py"))
-    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of fd,grpo,fd_then_grpo")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                   help="comma-separated subset of fd,grpo,fd_then_grpo,control")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: sampler seed and data order of each run")
     p.add_argument("--steps", type=int, default=24, help="training steps of every run")
     p.add_argument("--fd_steps", type=int, default=12, help="fd_then_grpo: steps of the FD stage")
     p.add_argument("--problems_per_step", type=int, default=4)
     p.add_argument("--num_generations", type=int, default=8, help="samples per problem (the GRPO group)")
     p.add_argument("--max_new_tokens", type=int, default=16, help="completion budget (training and evaluation)")
     p.add_argument("--eval_problems", type=int, default=16, help="held-out problems of the final evaluation")
-    p.add_argument("--eval_n", type=int, default=8, help="samples per held-out problem")
-    p.add_argument("--ks", default="1,2,4,8", help="k values of pass@k (each <= eval_n)")
+    p.add_argument("--eval_n", type=int, default=16, help="samples per held-out problem")
+    p.add_argument("--ks", default="1,2,4,8,16", help="k values of pass@k (each <= eval_n)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other config override, applied to every run (repeatable)")
     p.add_argument("--no_base", action="store_true", help="skip the evaluation of the untrained model")
@@ -68,6 +79,7 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
         "eval.num_problems": args.eval_problems, "eval.n": args.eval_n, "eval.ks": ks,
         "eval.at_end": True, "eval.every_steps": 0,  # one evaluation per stage end: FD→GRPO also after its FD stage
         "checkpoint.max_to_keep": 1, "export_hf": False,  # the demo needs neither old checkpoints nor exports
+        "data.exclude_eval_problems": True,  # held-out questions are never trained on
         # The runs compile the same sampler and steps: the second and third take them from this cache.
         "compilation_cache_dir": str(pathlib.Path(args.out).expanduser().resolve() / "xla_cache"),
     }  # fmt: skip
@@ -180,6 +192,46 @@ def summarize_run(workdir: pathlib.Path, cfg, algorithm: str) -> dict[str, Any]:
     return summary
 
 
+def pooled_pass_at_k(reports: Sequence[Mapping[str, Any]], ks: Sequence[int], *, seed: int = 0
+                     ) -> dict[str, dict[str, float]]:
+    """k -> {mean, lo, hi}: pass@k averaged over seeds and held-out problems, with a 95% percentile
+    bootstrap interval that resamples seeds, then problems within each seed (both vary between repeats)."""
+    import numpy as np
+
+    from fd_jax.eval.evaluation import pass_at_k
+
+    if not reports:
+        return {}
+    n = int(reports[0]["n"])
+    table = np.array([[[pass_at_k(n, int(p["correct"]), k) for k in ks] for p in r["problems"]] for r in reports])
+    rng = np.random.default_rng(seed)
+    S, P = table.shape[:2]
+    draws = np.empty((BOOTSTRAP, len(ks)))
+    for i in range(BOOTSTRAP):
+        seeds = rng.integers(0, S, S)
+        problems = rng.integers(0, P, (S, P))
+        draws[i] = table[seeds[:, None], problems].mean(axis=(0, 1))
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    mean = table.mean(axis=(0, 1))
+    return {str(k): {"mean": float(mean[j]), "lo": float(lo[j]), "hi": float(hi[j])} for j, k in enumerate(ks)}
+
+
+def mean_curves(per_seed: Sequence[list[dict]]) -> list[dict]:
+    """Per step, the mean over seeds of every numeric metric (steps missing in a seed are left out)."""
+    steps: dict[int, list[dict]] = {}
+    for records in per_seed:
+        for r in records:
+            steps.setdefault(r["step"], []).append(r)
+    out = []
+    for step in sorted(steps):
+        rows = steps[step]
+        merged = {"step": step, "stage": rows[0].get("stage")}
+        for key in {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"}:
+            merged[key] = _mean([r.get(key) for r in rows])
+        out.append(merged)
+    return out
+
+
 # -- the figure -----------------------------------------------------------------------------------------------
 
 
@@ -202,7 +254,8 @@ def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], 
 
     fig = Figure(figsize=(20, 4.2), dpi=100)
     FigureCanvasAgg(fig)
-    colors = {"fd": "tab:blue", "grpo": "tab:red", "fd_then_grpo": "tab:purple", "base": "black"}
+    colors = {"fd": "tab:blue", "grpo": "tab:red", "fd_then_grpo": "tab:purple", "control": "tab:gray",
+              "base": "black"}
     panels = (("reward_mean", "reward (mean over the step's samples)"), ("entropy", "policy entropy (nats/token)"),
               ("kl_mean", "KL(student, teacher), FD steps"))
     for i, (key, name) in enumerate(panels):
@@ -234,6 +287,11 @@ def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], 
         entropy = f", H {report['entropy']:.2f}" if report.get("entropy") is not None else ""
         name = LABELS.get(algorithm, algorithm) + (" (after its FD stage)" if label.endswith(":fd_stage") else "")
         ax.plot(*zip(*curve), style, marker="o", color=colors.get(algorithm), label=f"{name}{entropy}")
+        if report.get("interval"):  # 95% bootstrap interval over seeds and problems
+            ks_ = [k for k, _ in curve]
+            lo = [report["interval"][str(k)]["lo"] for k in ks_]
+            hi = [report["interval"][str(k)]["hi"] for k in ks_]
+            ax.fill_between(ks_, lo, hi, color=colors.get(algorithm), alpha=0.15)
     if all_ks:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
@@ -248,40 +306,60 @@ def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], 
     return path
 
 
-def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence[str], fields: Mapping[str, str],
-                  exit_codes: Mapping[str, int]) -> dict[str, Any]:
+def run_dir(out: pathlib.Path, algorithm: str, seed: int) -> pathlib.Path:
+    return out / algorithm / f"seed_{seed}"
+
+
+def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence[str], seeds: Sequence[int],
+                  fields: Mapping[str, str], exit_codes: Mapping[str, int]) -> dict[str, Any]:
     from fd_jax.eval.evaluation import plot_pass_at_k
     from fd_jax.train.metrics_log import METRICS_FILE, read_jsonl
 
-    runs = {a: summarize_run(out / a, cfg, a) for a in algorithms}
+    ks = tuple(int(k) for k in cfg.eval.ks)
+    runs = {a: {str(s): summarize_run(run_dir(out, a, s), cfg, a) for s in seeds} for a in algorithms}
     base_path = out / "base" / "report.json"
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     per_step = cfg.data.problems_per_step * cfg.rollout.num_generations
+    finals = {a: [r for s in seeds if (r := _report(run_dir(out, a, s), cfg.total_steps)) is not None]
+              for a in algorithms}
+    pooled = {}
+    for a in algorithms:
+        per_seed = runs[a].values()
+        pooled[a] = {
+            "seeds_done": len(finals[a]),
+            "pass_at_k": pooled_pass_at_k(finals[a], ks),
+            "reward_last_quarter_per_seed": [r["reward_last_quarter"] for r in per_seed],
+            "reward_last_quarter": _mean([r["reward_last_quarter"] for r in per_seed]),
+            "entropy_last_3": _mean([r["entropy_last_3"] for r in per_seed]),
+            "eval_entropy": _mean([r.get("entropy") for r in finals[a]]),
+        }
     summary = {
         "config_file": config_file,
         "overrides": dict(fields),
+        "seeds": list(seeds),
         "samples_per_step": per_step,
         "samples_per_run": per_step * cfg.total_steps,
         "base_eval": _eval_summary(base),
+        "pooled": pooled,
         "runs": runs,
         "exit_codes": dict(exit_codes),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
-    curves = {a: read_jsonl(out / a / METRICS_FILE) for a in algorithms}
+    curves = {a: mean_curves([read_jsonl(run_dir(out, a, s) / METRICS_FILE) for s in seeds
+                              if (run_dir(out, a, s) / METRICS_FILE).is_file()]) for a in algorithms}
     reports = {"base": base} if base else {}
     for a in algorithms:
-        if (final := _report(out / a, cfg.total_steps)) is not None:
-            reports[a] = final
-    if "fd_then_grpo" in algorithms and (fd_stage := _report(out / "fd_then_grpo", cfg.fd_steps)):
-        reports["fd_then_grpo:fd_stage"] = fd_stage
+        if finals[a]:
+            reports[a] = {"pass_at_k": {k: v["mean"] for k, v in pooled[a]["pass_at_k"].items()},
+                          "interval": pooled[a]["pass_at_k"], "entropy": pooled[a]["eval_entropy"]}
     title = (f"{cfg.total_steps} steps x {cfg.data.problems_per_step} problems x {cfg.rollout.num_generations} "
-             f"samples = {per_step * cfg.total_steps} samples per run; arithmetic level {cfg.data.level}; "
-             f"pass@k on {cfg.eval.num_problems} held-out problems, n = {cfg.eval.n}")
+             f"samples = {per_step * cfg.total_steps} samples per run, {len(seeds)} seeds; arithmetic level "
+             f"{cfg.data.level}; pass@k on {cfg.eval.num_problems} held-out problems (never trained on), "
+             f"n = {cfg.eval.n}")
     plot_demo(curves, reports, cfg.fd_steps if "fd_then_grpo" in algorithms else None, title, out / "demo.png")
     if reports:
-        plot_pass_at_k({LABELS.get(k.split(":")[0], k) + (" FD stage" if k.endswith(":fd_stage") else ""): r
-                        for k, r in reports.items()}, out / "pass_at_k.png")
+        plot_pass_at_k({LABELS.get(k, k): r for k, r in reports.items()}, out / "pass_at_k.png")
     return summary
 
 
@@ -290,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     algorithms = [a for a in args.algorithms.split(",") if a]
     if unknown := sorted(set(algorithms) - set(ALGORITHMS)):
         raise SystemExit(f"--algorithms: unknown {unknown}; choose from {list(ALGORITHMS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     out = pathlib.Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     fields = overrides(args)
@@ -305,20 +387,22 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if not args.no_base and not (out / "base" / "report.json").is_file():
             exit_codes["base"] = evaluate_base(cfg, out)
-        for algorithm in algorithms:
-            command = [sys.executable, str(REPO_ROOT / "scripts" / "train_tpu.py"), "--config", args.config,
-                       "--workdir", str(out / algorithm), f"--config.algorithm={algorithm}",
-                       *(f"--config.{k}={v}" for k, v in fields.items())]
-            t0 = time.perf_counter()
-            exit_codes[algorithm] = run(command, out / f"{algorithm}.log")
-            print(f"{algorithm}: exit {exit_codes[algorithm]} after {time.perf_counter() - t0:.0f} s "
-                  f"(log {out / f'{algorithm}.log'})", flush=True)
+        for seed in seeds:
+            for algorithm in algorithms:
+                name, workdir = f"{algorithm}/seed_{seed}", run_dir(out, algorithm, seed)
+                workdir.parent.mkdir(parents=True, exist_ok=True)
+                run_fields = {**fields, "seed": str(seed), "data.shuffle_seed": str(seed), **RUNS[algorithm]}
+                command = [sys.executable, str(REPO_ROOT / "scripts" / "train_tpu.py"), "--config", args.config,
+                           "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in run_fields.items())]
+                t0 = time.perf_counter()
+                exit_codes[name] = run(command, workdir.parent / f"seed_{seed}.log")
+                print(f"{name}: exit {exit_codes[name]} after {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"all runs done in {time.perf_counter() - start:.0f} s", flush=True)
-    summary = write_outputs(out, cfg, args.config, algorithms, fields, exit_codes)
-    for algorithm, s in summary["runs"].items():
-        final = (s["final_eval"] or {}).get("pass_at_k")
-        print(f"{LABELS[algorithm]}: reward {s['reward_first_quarter']} -> {s['reward_last_quarter']}, "
-              f"entropy {s['entropy_first_3']} -> {s['entropy_last_3']}, final pass@k {final}", flush=True)
+    summary = write_outputs(out, cfg, args.config, algorithms, seeds, fields, exit_codes)
+    for algorithm, pooled in summary["pooled"].items():
+        ci = {k: f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]" for k, v in pooled["pass_at_k"].items()}
+        print(f"{LABELS[algorithm]}: reward over the last quarter {pooled['reward_last_quarter_per_seed']}, "
+              f"final pass@k {ci} ({pooled['seeds_done']} seeds)", flush=True)
     print(f"wrote {out / 'demo.png'}, {out / 'pass_at_k.png'}, {out / 'summary.json'}", flush=True)
     return max(exit_codes.values(), default=0)
 

@@ -51,7 +51,8 @@ def data_config() -> config_dict.ConfigDict:
     d.level = "easy"  # task=arithmetic: easy | medium | hard
     d.num_problems = 1024  # task=arithmetic: training problems generated; task=lean: first N rows (0 = all)
     d.problem_seed = 0  # task=arithmetic: seed of the generated training problems
-    d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (disjoint stream)
+    d.eval_problem_seed = 1234  # task=arithmetic: seed of the held-out problems (another stream)
+    d.exclude_eval_problems = False  # task=arithmetic: drop training problems whose question is a held-out one
     d.prompt_format = "arithmetic"  # arithmetic | arithmetic_chat | lean_completion | lean_chat
     d.prompt_template = ""  # template of the question: {context} {statement} {header} {informal} ("" = format default)
     d.system_prompt = ""  # lean_chat | arithmetic_chat: an optional system turn
@@ -96,7 +97,7 @@ def lean_config() -> config_dict.ConfigDict:
 def feedback_config() -> config_dict.ConfigDict:
     """The feedback provider (fd_jax.feedback.get_provider); unused by GRPO."""
     f = config_dict.ConfigDict()
-    f.provider = "lean_errors"  # lean_errors (no LLM) | openai | anthropic
+    f.provider = "lean_errors"  # lean_errors (no LLM) | checker (no LLM: message texts only) | openai | anthropic
     f.model = ""  # openai / anthropic: the model name
     f.base_url = ""  # openai / anthropic: endpoint ("" = the provider's public API)
     f.api_key_env = ""  # environment variable holding the API key ("" = OPENAI_API_KEY / ANTHROPIC_API_KEY)
@@ -115,7 +116,7 @@ def feedback_config() -> config_dict.ConfigDict:
 def base_config() -> config_dict.ConfigDict:
     """The full default configuration: a random tiny model on the arithmetic test bed, FD, 40 steps."""
     c = config_dict.ConfigDict()
-    c.algorithm = "fd"  # fd | grpo | fd_then_grpo
+    c.algorithm = "fd"  # fd | grpo | fd_then_grpo | sft (supervised targets of the task; see c.sft)
     c.seed = 0  # seeds the sampler (per step); model.init_seed and data.shuffle_seed seed the rest
     c.total_steps = 40  # training steps (one rollout batch each); fd_then_grpo: both stages together
     c.fd_steps = 20  # fd_then_grpo: steps of the FD stage (< total_steps); the GRPO stage runs the rest
@@ -123,11 +124,17 @@ def base_config() -> config_dict.ConfigDict:
     c.num_iterations = 1  # optimizer steps per rollout batch (2nd+ are off-policy, importance-corrected)
     c.multihost = "auto"  # jax.distributed.initialize(): auto (on pods) | true | false
     c.compilation_cache_dir = ""  # persistent XLA compilation cache ("" = off)
+    c.preflight_problems = 0  # fresh FD runs: first check whether the teacher knows more, on N problems (0 = off)
 
     c.mesh = config_dict.ConfigDict()
     c.mesh.data = 1  # data-parallel axis (replicated weights)
     c.mesh.fsdp = -1  # fully sharded axis (-1 = the remaining devices)
     c.mesh.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary)
+
+    c.sft = config_dict.ConfigDict()  # algorithm=sft: supervised (prompt, target) pairs from the task
+    c.sft.feedback_fraction = 0.4  # share of examples whose prompt carries feedback on a wrong answer
+    c.sft.hint_fraction = 0.2  # share whose prompt carries a solved copy of the problem (the rest: bare)
+    c.sft.context_only_fraction = 0.0  # share of the questions never shown bare (only with feedback or a hint)
 
     c.model = model_config()  # the policy: where its weights and tokenizer come from, dtypes
     c.data = data_config()  # problems, prompt format, problems per step
@@ -147,6 +154,8 @@ def base_config() -> config_dict.ConfigDict:
     c.log.every_steps = 1  # plain log line every N steps (when there is no progress bar)
     c.log.progress = "auto"  # progress bar: auto (on a terminal) | true | false
     c.log.plot_every_steps = 10  # refresh DIR/curves.png every N steps (and at the end)
+    c.log.teacher_diagnostics = True  # FD stages: teacher/* metrics every step (one extra forward pass, no grad)
+    c.log.teacher_diagnostics_first_k = 3  # teacher/kl_first_k_share: the share of the KL on the first k tokens
     c.log.tensorboard = True  # TensorBoard event files under DIR/tensorboard (needs tensorboardX)
     c.log.wandb_project = ""  # Weights & Biases project ("" = off; needs `pip install wandb`)
     c.log.wandb_entity = ""  # W&B entity ("" = your default)

@@ -21,7 +21,8 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.config.errors import ConfigError
-from fd_jax.data.reprompt import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE, RepromptTemplates
+from fd_jax.data.reprompt import (FEEDBACK_TEMPLATE, PLACEMENTS, REPROMPT_TEMPLATE, RETRY_TEMPLATE, SOLUTION_TEMPLATE,
+                                  RepromptTemplates)
 
 _SAME = object()
 NOT_IN_CONFIG = object()
@@ -163,13 +164,18 @@ class RolloutConfig:
     reprompt_template: str = knob(REPROMPT_TEMPLATE, "teacher context: fields {solution} and {feedback}")
     feedback_template: str = knob(FEEDBACK_TEMPLATE, "the feedback block: field {feedback}")
     solution_template: str = knob(SOLUTION_TEMPLATE, "the demonstration block: field {solution}")
+    context_placement: str = knob("user", "where the teacher's context goes: user (in the question's turn) | "
+                                  "system (chat) | turns (chat: worked-example / retry exchanges)", choices=PLACEMENTS)
+    retry_template: str = knob(RETRY_TEMPLATE, "context_placement=turns: before the retried question, field "
+                               "{feedback}")
 
     def __post_init__(self):
         check_fields(self, "rollout")
 
     @property
     def templates(self) -> RepromptTemplates:
-        return RepromptTemplates(self.reprompt_template, self.feedback_template, self.solution_template)
+        return RepromptTemplates(self.reprompt_template, self.feedback_template, self.solution_template,
+                                 self.retry_template)
 
 
 @dataclasses.dataclass(frozen=True)

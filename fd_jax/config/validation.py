@@ -18,11 +18,11 @@ from fd_jax.data.prompts import fill
 from fd_jax.tasks import TASKS, get_task, prompt_format_names
 from fd_jax.train.stages import stages
 
-ALGORITHMS = ("fd", "grpo", "fd_then_grpo")
+ALGORITHMS = ("fd", "grpo", "fd_then_grpo", "sft")
 MODEL_SOURCES = ("hf", "init", "smollm2_gguf")
 DTYPES = ("float32", "bfloat16")
 # The feedback providers a config can build (`local` needs a second model object, so it is library-only).
-CONFIG_FEEDBACK_PROVIDERS = ("lean_errors", "openai", "anthropic")
+CONFIG_FEEDBACK_PROVIDERS = ("lean_errors", "checker", "openai", "anthropic")
 HTTP_PROVIDERS = ("openai", "anthropic")
 
 # field path -> allowed values (those that name a registry are added in `_choices`).
@@ -44,6 +44,7 @@ _MINIMUM = {
     "checkpoint.every_steps": 0, "checkpoint.max_to_keep": 1, "log.every_steps": 1, "log.plot_every_steps": 1,
     "eval.every_steps": 0, "eval.num_problems": 1, "eval.n": 1, "eval.max_new_tokens": 1,
     "data.num_problems": 0, "data.num_shots": 0, "lean.workers": 0, "feedback.max_concurrency": 1,
+    "log.teacher_diagnostics_first_k": 1, "preflight_problems": 0,
 }  # fmt: skip
 
 
@@ -84,6 +85,12 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if cfg.algorithm == "fd_then_grpo" and not 1 <= cfg.fd_steps < cfg.total_steps:
         raise _fail("fd_steps", cfg.fd_steps,
                     f"fd_then_grpo needs 1 <= fd_steps < total_steps ({cfg.total_steps}); the GRPO stage runs the rest")
+    for path in ("sft.feedback_fraction", "sft.hint_fraction", "sft.context_only_fraction"):
+        if not 0.0 <= get(cfg, path) <= 1.0:
+            raise _fail(path, get(cfg, path), "must be in [0, 1]")
+    if cfg.sft.feedback_fraction + cfg.sft.hint_fraction > 1.0:
+        raise _fail("sft.hint_fraction", cfg.sft.hint_fraction,
+                    "sft.feedback_fraction + sft.hint_fraction must be <= 1")
     ks = tuple(cfg.eval.ks)
     if not ks or min(ks) < 1 or max(ks) > cfg.eval.n:
         raise _fail("eval.ks", ks, f"every k must be in [1, eval.n = {cfg.eval.n}]")
@@ -104,6 +111,9 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if d.system_prompt and not d.prompt_format.endswith("_chat"):
         raise _fail("data.system_prompt", d.system_prompt,
                     f"data.prompt_format={d.prompt_format} has no system turn; use a _chat format or ''")
+    if cfg.rollout.context_placement != "user" and not d.prompt_format.endswith("_chat"):
+        raise _fail("rollout.context_placement", cfg.rollout.context_placement,
+                    f"data.prompt_format={d.prompt_format} has no chat turns; use a _chat format or 'user'")
     if cfg.feedback.provider in HTTP_PROVIDERS and not cfg.feedback.model and _uses_feedback(cfg):
         raise _fail("feedback.model", "", f"feedback.provider={cfg.feedback.provider} needs a model name")
     stages(cfg)  # the step, optim and rollout dataclasses check their fields, named

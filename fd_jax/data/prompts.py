@@ -29,7 +29,9 @@ LEAN_CHAT_TEMPLATE = (
 
 
 class PromptFormat(Protocol):
-    """What the rollout needs from a format."""
+    """What the rollout needs from a format. A chat format also has `messages(problem, context="") ->
+    ChatMessages` (the turns `render` renders), through which the teacher's context can be placed in a
+    system turn or in extra turns (`fd_jax.data.reprompt.PLACEMENTS`)."""
 
     add_special_tokens: bool  # whether encoding the rendered text should add the tokenizer's BOS
 
@@ -81,6 +83,19 @@ class LeanCompletionFormat:
         return _lean_demonstration(task)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatMessages:
+    """A chat prompt before the template: an optional system turn, earlier (user, assistant) exchanges,
+    then the user turn the model answers."""
+
+    system: str | None
+    turns: tuple[tuple[str, str], ...]
+    user: str
+
+    def render(self, tokenizer: Any) -> str:
+        return render_chat(tokenizer, self.user, system=self.system, turns=self.turns)
+
+
 @dataclasses.dataclass
 class LeanChatFormat:
     """A user turn through the tokenizer's chat template (`apply_chat_template`, jinja2)."""
@@ -91,7 +106,7 @@ class LeanChatFormat:
     include_informal: bool = True
     add_special_tokens: bool = False  # the chat template writes its own BOS, if any
 
-    def render(self, problem: Problem, context: str = "") -> str:
+    def messages(self, problem: Problem, context: str = "") -> ChatMessages:
         informal = problem.informal if self.include_informal else ""
         user = fill(
             self.template,
@@ -100,7 +115,10 @@ class LeanChatFormat:
             informal=informal,
             statement=problem.statement,
         )
-        return render_chat(self.tokenizer, user, system=self.system)
+        return ChatMessages(self.system, (), user)
+
+    def render(self, problem: Problem, context: str = "") -> str:
+        return self.messages(problem, context).render(self.tokenizer)
 
     def extract(self, problem: Problem, completion: str) -> ProofTask:
         return extract_proof_task(completion, problem.statement, problem.header, problem.id)

@@ -1,6 +1,16 @@
 """The teacher's reprompt: the student prompt with a feedback block and an optional solved-sibling
-demonstration in the format's `{context}` slot, cut to `max_reprompt_len` tokens by truncating the feedback
-(never the completion, which is appended after the reprompt by the batch builder)."""
+demonstration, cut to `max_reprompt_len` tokens by truncating the feedback (never the completion, which is
+appended after the reprompt by the batch builder).
+
+Where the context goes (`placement`, `PLACEMENTS`):
+  user    in the format's `{context}` slot of the question's user turn (every format; the original place);
+  system  in the system turn (after the format's own system text), the question turn left as the student's;
+  turns   as chat exchanges: a solved sibling becomes one more worked example of this very problem (the
+          question, then the sibling's reply), a failed attempt a retry exchange (the question, the attempt
+          as the assistant's reply, then the feedback and the question again as the next user turn).
+`system` and `turns` keep the last user turn exactly the student's question (or a short retry of it), so the
+few-shot pattern the model answers by is not broken; they need a chat format (one with `messages`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +23,9 @@ from fd_jax.data.problems import Problem
 FEEDBACK_TEMPLATE = "Feedback on an earlier, incorrect attempt at this problem:\n\n{feedback}\n\n"
 SOLUTION_TEMPLATE = "A correct solution to this problem, for reference:\n\n{solution}\n\n"
 REPROMPT_TEMPLATE = "{solution}{feedback}Taking this into account, solve the problem below.\n\n"
+RETRY_TEMPLATE = "That is not right: {feedback}\n\n"  # turns: before the question in the retry turn
 TRUNCATION_MARKER = "\n[... feedback truncated]"
+PLACEMENTS = ("user", "system", "turns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +35,7 @@ class RepromptTemplates:
     reprompt: str = REPROMPT_TEMPLATE
     feedback: str = FEEDBACK_TEMPLATE
     solution: str = SOLUTION_TEMPLATE
+    retry: str = RETRY_TEMPLATE  # placement=turns: `{feedback}`, put before the question of the retry turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +58,48 @@ def teacher_context(feedback: str | None, solution: str | None, templates: Repro
     )
 
 
+def render_teacher_prompt(
+    fmt: PromptFormat,
+    problem: Problem,
+    *,
+    feedback: str | None,
+    solution: str | None,
+    templates: RepromptTemplates = RepromptTemplates(),
+    placement: str = "user",
+    attempt: str | None = None,
+    solved_reply: str | None = None,
+) -> str:
+    """The teacher prompt as text, with the context placed by `placement` (see the module docstring).
+
+    solution: the demonstration text (`fmt.demonstration`) for `user` and `system`; solved_reply: the solved
+    sibling's completion as the model wrote it, the reply of the extra worked example under `turns` (None:
+    the demonstration). attempt: the failed completion the feedback is about (`turns`: the assistant turn
+    of the retry exchange; None: the feedback goes before the question, as a retry without the attempt).
+    Raises ValueError for an unknown placement, or `system` / `turns` with a format without chat turns.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown context placement {placement!r}; known: {list(PLACEMENTS)}")
+    if placement == "user" or (feedback is None and solution is None):
+        return fmt.render(problem, teacher_context(feedback, solution, templates))
+    messages = getattr(fmt, "messages", None)
+    if messages is None:
+        raise ValueError(f"context placement {placement!r} needs a chat prompt format ({type(fmt).__name__} has "
+                         f"no chat turns); use placement 'user'")
+    base = messages(problem)
+    if placement == "system":
+        text = teacher_context(feedback, solution, templates).strip()
+        system = f"{base.system}\n\n{text}" if base.system else text
+        return dataclasses.replace(base, system=system).render(fmt.tokenizer)
+    turns, user = list(base.turns), base.user
+    if solution is not None:
+        turns.append((base.user, solution if solved_reply is None else solved_reply))
+    if feedback is not None:
+        if attempt is not None:
+            turns.append((base.user, attempt))
+        user = messages(problem, fill(templates.retry, feedback=feedback)).user
+    return dataclasses.replace(base, turns=tuple(turns), user=user).render(fmt.tokenizer)
+
+
 def build_reprompt(
     fmt: PromptFormat,
     problem: Problem,
@@ -54,6 +109,9 @@ def build_reprompt(
     encode: Callable[[str], list[int]],
     templates: RepromptTemplates = RepromptTemplates(),
     max_len: int | None = None,
+    placement: str = "user",
+    attempt: str | None = None,
+    solved_reply: str | None = None,
 ) -> Reprompt | None:
     """The teacher prompt for one rollout, or None when even the bare context does not fit.
 
@@ -61,20 +119,22 @@ def build_reprompt(
     max_len: a cap on len(tokens); the feedback is cut to the longest prefix that fits (a binary search over
     characters, so it holds for any tokenizer) and marked; the demonstration is never cut. None when
     nothing fits: the rollout is then not distilled.
+    placement, attempt, solved_reply: where the context goes (`render_teacher_prompt`).
     """
 
-    def attempt(fb: str | None, sol: str | None) -> tuple[list[int], str]:
-        text = fmt.render(problem, teacher_context(fb, sol, templates))
+    def attempt_fit(fb: str | None, sol: str | None) -> tuple[list[int], str]:
+        text = render_teacher_prompt(fmt, problem, feedback=fb, solution=sol, templates=templates,
+                                     placement=placement, attempt=attempt, solved_reply=solved_reply)
         return encode(text), text
 
-    tokens, text = attempt(feedback, solution)
+    tokens, text = attempt_fit(feedback, solution)
     if max_len is None or len(tokens) <= max_len:
         return Reprompt(tokens, text, truncated=False)
     if feedback:
         lo, hi, best = 0, len(feedback) - 1, None
         while lo <= hi:  # the longest feedback prefix that still fits
             mid = (lo + hi) // 2
-            cand_tokens, cand_text = attempt(feedback[:mid] + TRUNCATION_MARKER, solution)
+            cand_tokens, cand_text = attempt_fit(feedback[:mid] + TRUNCATION_MARKER, solution)
             if len(cand_tokens) <= max_len:
                 best, lo = Reprompt(cand_tokens, cand_text, truncated=True), mid + 1
             else:

@@ -5,6 +5,7 @@
   anthropic    Anthropic's Messages API (same options)
   local        an fd_jax model through the sampler (model, tokenizer, ...)
   lean_errors  no LLM: Lean's messages, formatted
+  checker      no LLM: the checker's message texts alone (no code excerpt, no carets)
 Every provider's `.feedback(list[FeedbackRequest]) -> list[str]` falls back to Lean's errors for a request
 the LLM could not answer, and counts it in `.stats`.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from fd_jax.feedback.base import (
     FEEDBACK_PROMPT,
+    CheckerMessagesProvider,
     Completion,
     FeedbackProvider,
     FeedbackRequest,
@@ -37,6 +39,7 @@ PROVIDERS: dict[str, Callable[..., FeedbackProvider]] = {
     "anthropic": AnthropicProvider,
     "local": _local,
     "lean_errors": LeanErrorsProvider,
+    "checker": CheckerMessagesProvider,
 }
 
 
@@ -51,6 +54,7 @@ __all__ = [
     "FEEDBACK_PROMPT",
     "PROVIDERS",
     "AnthropicProvider",
+    "CheckerMessagesProvider",
     "Completion",
     "FeedbackProvider",
     "FeedbackRequest",

@@ -298,3 +298,21 @@ class LeanErrorsProvider(FeedbackProvider):
         with self._lock:
             self.stats.requests += len(requests)
         return [self._fallback(r) for r in requests]
+
+
+class CheckerMessagesProvider(FeedbackProvider):
+    """No LLM: the checker's own message texts, one per line, without code excerpts or carets. For a checker
+    whose messages already say what is wrong in the task's terms (the arithmetic test bed: "wrong answer 13:
+    ... the answer is too large"), so the teacher reads plain sentences rather than a Lean-shaped listing."""
+
+    name = "checker"
+
+    def feedback(self, requests: list[FeedbackRequest]) -> list[str]:
+        with self._lock:
+            self.stats.requests += len(requests)
+        return [self._messages_text(r) for r in requests]
+
+    def _messages_text(self, request: FeedbackRequest) -> str:
+        lines = [str(m.get("data", "")).strip() for m in request.lean_messages if m.get("severity", "error") == "error"]
+        lines = [line for line in lines if line]
+        return "\n".join(lines) if lines else self._fallback(request)

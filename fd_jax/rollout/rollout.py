@@ -34,6 +34,7 @@ from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.rollout.sample import SampledChunk, sample_chunks
 from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict, Verifier
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
+from fd_jax.rl.diagnostics import probe_batch
 
 __all__ = ["EpisodeSetup", "RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
 
@@ -56,13 +57,16 @@ class RolloutResult:
     mostly hidden behind generation), wait_s (host time not hidden: after the last chunk), batch_s, total_s.
     counts: rollouts, statuses, distilled rows, truncated completions and reprompts, and the feedback
     provider's running totals (feedback_*, since the provider was built).
-    truncated_B: 1.0 where the completion hit max_new_tokens without a stop token."""
+    truncated_B: 1.0 where the completion hit max_new_tokens without a stop token.
+    probe: the teacher-advantage probe (`fd_jax.rl.diagnostics.probe_batch`): each distilled row's teacher
+    prompt with a verified-correct sibling's completion; None when no row has one."""
 
     batch: TrainBatch
     records: list[dict[str, Any]]
     timings: dict[str, float]
     counts: dict[str, float]
     truncated_B: np.ndarray
+    probe: TrainBatch | None = None
 
 
 def group_advantages(rewards_PG: np.ndarray, *, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
@@ -249,18 +253,21 @@ def _teacher_prompts(
     prompts, contexts, distill_B, cut = [], [], np.zeros(len(s.tasks), np.float32), 0
     for b in range(len(s.tasks)):
         p = b // G
-        solution = None
+        solution = solved_reply = None
         if config.use_successful_as_teacher:
             solved = [j for j in range(p * G, p * G + G) if s.verdicts[j].status == VALID]
             if config.dont_reprompt_on_self_success:
                 solved = [j for j in solved if j != b]
             if solved:
                 solution = fmt.demonstration(s.tasks[solved[0]])  # the first solved sibling, as SDPO does
+                solved_reply = s.texts[solved[0]]
         feedback = s.feedback.get(b)
         reprompt = None
         if feedback is not None or solution is not None:
             reprompt = build_reprompt(fmt, problems[p], feedback=feedback, solution=solution, encode=encode,
-                                      templates=config.templates, max_len=config.max_reprompt_len)
+                                      templates=config.templates, max_len=config.max_reprompt_len,
+                                      placement=config.context_placement, attempt=s.texts[b],
+                                      solved_reply=solved_reply)
         if reprompt is None:
             prompts.append(student_prompts[p])
             contexts.append(None)
@@ -330,10 +337,15 @@ def run_rollout(
         rewards_B=rewards_B,
         advantages_B=advantages_B,
         distill_mask_B=distill_B,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_id=batch_pad_id(tokenizer),
         pad_multiple=config.pad_multiple,
         completion_masks=s.masks,
     )
+    probe = probe_batch(
+        student_prompts=[student_prompts[b // G] for b in range(B)], teacher_prompts=teacher_prompts,
+        completions=s.completions, logprobs=s.logprobs, correct_B=np.array([v.status == VALID for v in s.verdicts]),
+        distill_B=distill_B, group=G, pad_id=batch_pad_id(tokenizer), pad_multiple=config.pad_multiple,
+    ) if distill_B.any() else None
     truncated_B = np.array([f == "length" for f in s.finish], np.float32)
     batch_s = time.perf_counter() - start
 
@@ -376,4 +388,8 @@ def run_rollout(
     if provider is not None:
         counts.update({f"feedback_{k}": v for k, v in provider.stats.as_dict().items()})
     timings = {**s.timings, "batch_s": batch_s, "total_s": time.perf_counter() - total_start}
-    return RolloutResult(batch, records, timings, counts, truncated_B)
+    return RolloutResult(batch, records, timings, counts, truncated_B, probe)
+
+
+def batch_pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -21,7 +21,7 @@ from ml_collections import config_dict
 
 from fd_jax.data.extraction import strip_think
 from fd_jax.data.problems import Problem
-from fd_jax.data.prompts import fill, render_chat
+from fd_jax.data.prompts import ChatMessages, fill
 from fd_jax.tasks.base import Task, fail, format_options
 from fd_jax.verification import INVALID, REJECTED, VALID, ProofTask, Verdict
 
@@ -249,19 +249,27 @@ class ArithmeticFormat:
     def add_special_tokens(self) -> bool:
         return self.tokenizer is None
 
-    def render(self, problem: Problem, context: str = "") -> str:
+    def _ask(self, statement: str, context: str = "") -> str:
         chat = self.tokenizer is not None
         template = self.template or (ARITHMETIC_CHAT_TEMPLATE if chat else ARITHMETIC_TEMPLATE)
+        return fill(template, context=context, statement=statement, header="", informal="")
 
-        def ask(statement: str, ctx: str = "") -> str:
-            return fill(template, context=ctx, statement=statement, header="", informal="")
+    def _shown(self, problem: Problem) -> list[tuple[str, int]]:
+        return [(s, a) for s, a in self.examples if s != problem.statement]
 
-        shown = [(s, a) for s, a in self.examples if s != problem.statement]
-        if chat:
-            turns = [(ask(s), f"Answer: {a}") for s, a in shown]
-            return render_chat(self.tokenizer, ask(problem.statement, context), system=self.system, turns=turns)
+    def messages(self, problem: Problem, context: str = "") -> ChatMessages:
+        """The chat turns (chat style only; raises ValueError for the completion style)."""
+        if self.tokenizer is None:
+            raise ValueError("ArithmeticFormat: chat messages need the chat format (give the tokenizer)")
+        turns = tuple((self._ask(s), f"Answer: {a}") for s, a in self._shown(problem))
+        return ChatMessages(self.system, turns, self._ask(problem.statement, context))
+
+    def render(self, problem: Problem, context: str = "") -> str:
+        if self.tokenizer is not None:
+            return self.messages(problem, context).render(self.tokenizer)
         # Completion style: the template ends with the answer cue, so an example's reply is the bare integer.
-        return "".join(f"{ask(s)}{a}\n\n" for s, a in shown) + ask(problem.statement, context)
+        shown = self._shown(problem)
+        return "".join(f"{self._ask(s)}{a}\n\n" for s, a in shown) + self._ask(problem.statement, context)
 
     def extract(self, problem: Problem, completion: str) -> ProofTask:
         """The answer: the first line after the last 'Answer:' (or of the whole text when there is none)."""
@@ -275,12 +283,26 @@ class ArithmeticFormat:
     def demonstration(self, task: ProofTask) -> str:
         return f"{task.statement}\nAnswer: {task.code}"
 
+    def reference_completion(self, problem: Problem) -> str:
+        """A correct completion as the model should write it (chat: "Answer: N"; completion style: "N",
+        the template ending with the cue), for the pre-flight check and supervised targets."""
+        answer = answer_of(problem.statement)
+        return f"Answer: {answer}" if self.tokenizer is not None else str(answer)
+
+
+def _share_of(statement: str) -> float:
+    """A fixed number in [0, 1) per question (not Python's salted hash: the same in every process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(statement.encode()).digest()[:8], "big") / 2.0**64
+
 
 class ArithmeticTask(Task):
     """The test bed as a task: generated problems of `data.level`, the formats above, the exact checker."""
 
     name = "arithmetic"
     prompt_formats = ("arithmetic", "arithmetic_chat")
+    supervised = True
     default_num_problems = 32  # problems generated when no count is given
     default_max_new_tokens = 16  # an answer is a number and a stop token
 
@@ -292,9 +314,21 @@ class ArithmeticTask(Task):
 
     def problems(self, cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
         d = cfg.data
+        held = make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
         if held_out:
-            return make_problems(cfg.eval.num_problems, seed=d.eval_problem_seed, level=d.level)
-        return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+            return held
+        if not d.get("exclude_eval_problems", False):
+            return make_problems(d.num_problems, seed=d.problem_seed, level=d.level)
+        # The streams are independent draws: at level easy (100 distinct questions) most held-out questions
+        # also occur in training. The training stream is read further until num_problems others are found.
+        unseen = {p.statement for p in held}
+        for extra in (2, 10):
+            kept = [p for p in make_problems(extra * d.num_problems, seed=d.problem_seed, level=d.level)
+                    if p.statement not in unseen]
+            if len(kept) >= d.num_problems:
+                return kept[: d.num_problems]
+        raise fail("data.exclude_eval_problems", True, f"level {d.level} has too few questions outside the "
+                   f"{len(unseen)} held-out ones for data.num_problems = {d.num_problems}")
 
     def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
         # The completion and the chat style are one format: it becomes a chat turn when given the tokenizer.
@@ -306,3 +340,32 @@ class ArithmeticTask(Task):
 
     def source(self, cfg: config_dict.ConfigDict) -> str:
         return f"arithmetic:{cfg.data.level}"
+
+    def sft_pair(self, cfg: config_dict.ConfigDict, fmt: ArithmeticFormat, problem: Problem, *, rng: Any,
+                 feedback_fn: Any, templates: Any, placement: str) -> tuple[str, str]:
+        """The correct answer as the target, after: the question with feedback on a wrong answer (the
+        correct one +- 1..10; probability `sft.feedback_fraction`), the question with a solved copy of it as a
+        hint (`sft.hint_fraction`), or the bare question (the rest). A share `sft.context_only_fraction` of
+        the questions (fixed by the question's text) is never shown bare: on those the model can only be
+        right by reading the context, which is what makes a teacher that knows more than the student."""
+        from fd_jax.data.reprompt import render_teacher_prompt
+        from fd_jax.feedback import FeedbackRequest
+
+        answer, target = answer_of(problem.statement), fmt.reference_completion(problem)
+        u = rng.random()
+        with_context = cfg.sft.feedback_fraction + cfg.sft.hint_fraction
+        if with_context > 0 and _share_of(problem.statement) < cfg.sft.context_only_fraction:
+            u *= with_context  # a question never shown bare: only its context tells the model its answer
+        if u < cfg.sft.feedback_fraction:
+            wrong = str(answer + int(rng.choice([-1, 1])) * int(rng.integers(1, 11)))
+            request = FeedbackRequest(problem.statement, wrong, check_answer(problem.statement, wrong).messages)
+            attempt = f"Answer: {wrong}" if fmt.tokenizer is not None else wrong
+            prompt = render_teacher_prompt(fmt, problem, feedback=feedback_fn(request), solution=None,
+                                           templates=templates, placement=placement, attempt=attempt)
+        elif u < cfg.sft.feedback_fraction + cfg.sft.hint_fraction:
+            solved = ProofTask(statement=problem.statement, code=str(answer), header=None, id=problem.id)
+            prompt = render_teacher_prompt(fmt, problem, feedback=None, solution=fmt.demonstration(solved),
+                                           templates=templates, placement=placement, solved_reply=target)
+        else:
+            prompt = fmt.render(problem)
+        return prompt, target

@@ -38,6 +38,7 @@ class Task:
     default_max_new_tokens: ClassVar[int] = 2048  # scripts/evaluate.py's completion budget for --model
     reads_problem_file: ClassVar[bool] = False  # whether the problems come from data.path (--problems)
     episodic: ClassVar[bool] = False  # episodes of several turns with the tools of `make_tools` (config.episode)
+    supervised: ClassVar[bool] = False  # whether `sft_pair` gives (prompt, target) pairs for algorithm=sft
 
     def check(self, cfg: config_dict.ConfigDict) -> None:
         """Raises ConfigError for a setting this task cannot work with (called by config validation)."""
@@ -45,6 +46,8 @@ class Task:
         if d.prompt_format not in self.prompt_formats:
             raise fail("data.prompt_format", d.prompt_format,
                        f"data.task={self.name} needs {' | '.join(self.prompt_formats)}")
+        if cfg.algorithm == "sft" and not self.supervised:
+            raise fail("algorithm", "sft", f"data.task={self.name} has no supervised targets")
 
     def problems(self, cfg: config_dict.ConfigDict, *, held_out: bool = False) -> list[Problem]:
         """The training problems, or the held-out ones (`eval.num_problems` of them) when `held_out`."""
@@ -64,6 +67,13 @@ class Task:
 
     def source(self, cfg: config_dict.ConfigDict) -> str:
         """Where the problems come from, for reports."""
+        raise NotImplementedError
+
+    def sft_pair(self, cfg: config_dict.ConfigDict, fmt: PromptFormat, problem: Problem, *, rng: Any,
+                 feedback_fn: Callable[[Any], str], templates: Any, placement: str) -> tuple[str, str]:
+        """(prompt text, target text) of one supervised example of `problem` (tasks with `supervised`):
+        a bare question or one with a teacher context (feedback written by `feedback_fn(FeedbackRequest)`,
+        or a hint), rendered with `templates` and `placement` exactly as the FD teacher's prompts are."""
         raise NotImplementedError
 
 

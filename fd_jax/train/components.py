@@ -144,8 +144,8 @@ def build_feedback(cfg: config_dict.ConfigDict, workdir: pathlib.Path):
         cache_dir = str(workdir / f.cache_dir) if not pathlib.Path(f.cache_dir).is_absolute() else f.cache_dir
     common = dict(cache_dir=cache_dir, budget_usd=f.budget_usd, max_concurrency=f.max_concurrency,
                   usd_per_mtok_in=f.usd_per_mtok_in, usd_per_mtok_out=f.usd_per_mtok_out)
-    if f.provider == "lean_errors":
-        return get_provider("lean_errors")
+    if f.provider in ("lean_errors", "checker"):  # no LLM, nothing to configure
+        return get_provider(f.provider)
     return get_provider(f.provider, model=f.model, base_url=f.base_url or None, api_key_env=f.api_key_env or None,
                         timeout_s=f.timeout_s, max_retries=f.max_retries, max_tokens=f.max_tokens,
                         temperature=f.temperature, **common)

@@ -55,6 +55,7 @@ from fd_jax.rl.optim import learning_rate_schedule, make_optimizer
 from fd_jax.rollout.rollout import RolloutResult, run_rollout
 from fd_jax.rollout.sample import derive_seed
 from fd_jax.tasks import get_task
+from fd_jax.rl.diagnostics import make_diagnostics
 from fd_jax.rl.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     # the pool's finalizer stops its workers.
     verifier = components.build_verifier(cfg)
     episodes = components.build_episodes(cfg, verifier)  # None unless the task has tools
-    feedback = components.build_feedback(cfg, workdir) if any(s.rollout.request_feedback for s in plan) else None
+    needs_feedback = any(s.rollout.request_feedback or s.name == "sft" for s in plan)  # sft: feedback in prompts
+    feedback = components.build_feedback(cfg, workdir) if needs_feedback else None
 
     policy = components.build_policy(cfg, mesh=mesh, weights=fresh)
     graphdef, params = nnx.split(policy.model)
@@ -210,6 +212,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
         run = _Run(cfg, workdir, mesh, graphdef, policy, components.build_format(cfg, policy.tokenizer), verifier,
                    feedback, ShuffledIterator(problems, seed=cfg.data.shuffle_seed), eval_problems, run_log, stop,
                    generate_fn, param_shapes, episodes=episodes)
+        if fresh and cfg.preflight_problems:
+            _preflight(run, plan, problems)
         try:
             for index in range(first_stage, len(plan)):
                 stage = plan[index]
@@ -226,6 +230,23 @@ def train(cfg: config_dict.ConfigDict, workdir: str | pathlib.Path) -> dict[str,
     log.info("%s at step %d; logs in %s; %d XLA programs built in this process (%.1f s)", status, step, workdir,
              *compilations.totals().values())
     return {"status": status, "step": step, "workdir": str(workdir)}
+
+
+def _preflight(run: _Run, plan: list[Stage], problems: list) -> None:
+    """`fd_jax.eval.preflight` with the initial policy and the first FD stage's rollout settings, before any
+    update: the verdict line goes to the log and the numbers to DIR/preflight.json."""
+    from fd_jax.eval.preflight import preflight
+
+    stage = next((s for s in plan if s.step.distill_weight > 0), None)
+    if stage is None or run.feedback is None:
+        return
+    report = preflight(multihost.host_shard(problems[: run.cfg.preflight_problems]), model=run.policy.model,
+                       tokenizer=run.policy.tokenizer, fmt=run.fmt, verifier=run.verifier, feedback=run.feedback,
+                       config=stage.rollout, step_cfg=stage.step, generate_fn=run.generate_fn,
+                       seed=derive_seed(run.cfg.seed, 0))
+    run.log.message(report.line())
+    if multihost.is_writer():
+        (run.workdir / "preflight.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
 
 
 def _evaluates(cfg) -> bool:
@@ -306,9 +327,14 @@ def _rollout_and_state(run: _Run, stage: Stage, params, problems: list, step: in
 
 def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[bool, int]:
     """Trains the stage's remaining steps. Returns (finished, last step done)."""
+    if stage.name == "sft":
+        return _run_sft_stage(run, stage, state, meta)
     cfg = run.cfg
     optimizer = make_optimizer(stage.optim)
     step_fn = make_train_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
+    diagnose = None
+    if cfg.log.teacher_diagnostics and stage.step.distill_weight > 0:
+        diagnose = make_diagnostics(run.graphdef, stage.step, first_k=cfg.log.teacher_diagnostics_first_k)
     if meta.get("data"):
         run.iterator.load_state_dict(meta["data"])
     done = int(meta["step"])
@@ -335,6 +361,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                                             next_data_state)
             train_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
+            diagnosed = _diagnose(diagnose, state, batch, rollout, run.mesh, pad_id)  # before the step moves θ, φ
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)
@@ -342,6 +369,7 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             per_iteration = [{k: float(v) for k, v in m.items()} for m in jax.device_get(per_iteration)]
             record = _record(run, stage, step, rollout, per_iteration, start, time.perf_counter() - train_start,
                              epoch=data_state["epoch"])
+            record.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
             # eval.at_end evaluates here too, so that its eval/* scores reach metrics.jsonl and TensorBoard.
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
                 record.update(_evaluate(run, stage, state.params, step))
@@ -357,6 +385,59 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                 return False, step
     _finish_stage(run, stage, state, stage.last, trained=trained > 0)
     return True, stage.last
+
+
+def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[bool, int]:
+    """`_run_stage` for algorithm=sft: each step's problems become (prompt, target) pairs (`fd_jax.train.sft`)
+    and one supervised update; checkpoints, evaluation, signals and logs as in the RL stages."""
+    from fd_jax.rl.sft import make_sft_step
+    from fd_jax.train import sft as sft_lib
+
+    cfg = run.cfg
+    optimizer = make_optimizer(stage.optim)
+    step_fn = make_sft_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
+    if meta.get("data"):
+        run.iterator.load_state_dict(meta["data"])
+    pad_id = run.policy.tokenizer.pad_token_id or 0
+    feedback_fn = lambda request: run.feedback.feedback([request])[0]  # noqa: E731
+    stage_dir, trained = run.stage_dir(stage), 0
+    ckpt = Checkpointer(stage_dir / CHECKPOINTS, max_to_keep=cfg.checkpoint.max_to_keep,
+                        async_save=cfg.checkpoint.async_save)
+    with ckpt:
+        for step in range(int(meta["step"]) + 1, stage.last + 1):
+            start = time.perf_counter()
+            problems, data_state = _take_problems(run)
+            examples = sft_lib.sft_examples(cfg, problems, fmt=run.fmt, rollout=stage.rollout,
+                                            feedback_fn=feedback_fn, step=step)
+            batch = sft_lib.sft_batch(examples, tokenizer=run.policy.tokenizer, fmt=run.fmt,
+                                      pad_multiple=stage.rollout.pad_multiple)
+            state, metrics = step_fn(state, multihost.global_batch(batch, run.mesh, pad_id=pad_id))
+            record = {"step": step, "stage": stage.name, "stage_step": step - stage.first + 1,
+                      "epoch": data_state["epoch"], **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                      "time/step_s": time.perf_counter() - start, "wall_time": time.time(), **compilations.totals()}
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
+                record.update(_evaluate(run, stage, state.params, step))
+            run.log.write(record, tensorboard_dir=stage_dir / TENSORBOARD)
+            trained += 1
+            stop = run.stop.should_stop()
+            if stop or step == stage.last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                ckpt.save(step, state, meta=_meta(run, stage, step, data_state), force=True)
+            if stop:
+                run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
+                return False, step
+    _finish_stage(run, stage, state, stage.last, trained=trained > 0)
+    return True, stage.last
+
+
+def _diagnose(diagnose, state: TrainState, batch: dict, rollout: RolloutResult, mesh, pad_id: int) -> dict:
+    """The teacher/* metrics of this batch (`fd_jax.rl.diagnostics`), {} when off. With several hosts the
+    probe is left out: hosts may differ in whether they have probe rows, and all must run one program."""
+    if diagnose is None:
+        return {}
+    probe = None
+    if rollout.probe is not None and jax.process_count() == 1:
+        probe = multihost.global_batch(rollout.probe, mesh, pad_id=pad_id)
+    return diagnose(state, batch, probe)
 
 
 def _meta(run: _Run, stage: Stage, step: int, data_state: dict) -> dict:

@@ -25,6 +25,7 @@ PLOT_FILE = "curves.png"
 # (metric, panel title) of the plot; the stage boundary of fd_then_grpo is drawn as a vertical line.
 PLOT_PANELS = (
     ("reward_mean", "reward"), ("entropy", "policy entropy (nats/token)"), ("kl_mean", "KL(student, teacher)"),
+    ("teacher/logp_gain_correct", "teacher − student log p(correct sibling)"),
 )
 
 

@@ -146,9 +146,8 @@ def _decode_segment(graphdef, state, cache, logits_BV, pos_B, active_B, budget_B
                     forced_BN, key, slot0, temperature, top_p, *, static: _Static, out_len: int):
     """Decodes every active row until it stops or has `budget_B` tokens; returns (segment, cache, steps).
 
-    Token j of a row is written into the cache at slot slot0 + j - 1 + 1 = slot0 + j by step j + 1, at
-    position pos_B + j, and only if the row was still generating after sampling it; rows that are not
-    write position -1. forced_BN >= 0 replaces the sampled token (scripted turns); its log-prob is the
+    Token j of a row (sampled at step j) is fed at step j + 1: written into slot slot0 + j at position
+    pos_B + j, or at position -1 (never attended to) when the row stopped on it or was not generating. forced_BN >= 0 replaces the sampled token (scripted turns); its log-prob is the
     model's. `steps - 1` slots from slot0 on were written.
     """
     model = nnx.merge(graphdef, state)

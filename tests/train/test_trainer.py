@@ -221,7 +221,7 @@ def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
 
 @pytest.mark.parametrize("arg, message", [
     ("--config.step.teacherr=ema", "config.step has no field 'teacherr'; did you mean config.step.teacher?"),
-    ("--config.algorithm=ppo", "config.algorithm = 'ppo': must be one of ['fd', 'grpo', 'fd_then_grpo']"),
+    ("--config.algorithm=ppo", "config.algorithm = 'ppo': must be one of ['fd', 'grpo', 'fd_then_grpo', 'sft']"),
 ])
 def test_config_errors_name_the_field_before_anything_runs(arg, message, tmp_path):
     done = subprocess.run(_command(tmp_path / "run", arg), capture_output=True, text=True, timeout=120)

@@ -119,3 +119,20 @@ def test_completion_format_refuses_chat_placements():
         render_teacher_prompt(ArithmeticFormat(), PROBLEM, feedback=FEEDBACK, solution=None, placement="system")
     with pytest.raises(ValueError, match="unknown context placement"):
         render_teacher_prompt(arith(QWEN_STYLE), PROBLEM, feedback=FEEDBACK, solution=None, placement="middle")
+
+
+def test_config_refuses_a_chat_placement_with_a_completion_format():
+    from fd_jax.config.defaults import base_config
+    from fd_jax.config.errors import ConfigError
+    from fd_jax.config.validation import validate
+
+    cfg = base_config()
+    cfg.model.source, cfg.model.tokenizer = "init", "char"
+    cfg.rollout.context_placement = "turns"
+    with pytest.raises(ConfigError, match=r"config.rollout.context_placement = 'turns': data.prompt_format=arithmetic"):
+        validate(cfg)
+    cfg.data.prompt_format = "arithmetic_chat"
+    validate(cfg)
+    cfg.rollout.context_placement = "middle"
+    with pytest.raises(ConfigError, match=r"rollout.context_placement = 'middle': must be one of"):
+        validate(cfg)

@@ -159,6 +159,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.rollout.log_rollouts = False
     cfg.step.teacher = "ema"
     cfg.step.loss_agg = "seq_mean"  # TRL SDPO: mean over each sequence's tokens, then over rows
+    cfg.step.share_prompts = not args.no_share_prompts  # the G samples of a problem share its prompt's pass
     cfg.optim.learning_rate = args.lr
     cfg.optim.max_grad_norm = 1.0
     return cfg
@@ -384,7 +385,8 @@ def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
                    "--out", str(out), "--problems", str(args.problems), "--generations", str(args.generations),
                    "--new-tokens", str(args.new_tokens), "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
-                   *(["--feedback"] if args.feedback else []), *extra]
+                   *(["--feedback"] if args.feedback else []),
+                   *(["--no-share-prompts"] if args.no_share_prompts else []), *extra]
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -432,6 +434,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 2 x 2 rows, 8 tokens, 2 steps")
     p.add_argument("--feedback", action="store_true", help="fd_jax's FD teacher also reads the checker's feedback")
     p.add_argument("--agreement-only", action="store_true")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="fd_jax: one full forward per row (step.share_prompts=False), the step before issue 19")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("fdjax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--algo", default="fd", help=argparse.SUPPRESS)
@@ -452,6 +456,7 @@ def main(argv=None) -> dict:
     directory = model_dir(args)
     load = {"before": os.getloadavg()}
     result = {"model": "tiny-llama (random)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+              "fdjax_share_prompts": not args.no_share_prompts,
               "shape": {"problems": args.problems, "generations": args.generations, "new_tokens": args.new_tokens,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads},
               "agreement": agreement(args, directory)}

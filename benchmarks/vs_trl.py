@@ -153,6 +153,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.data.problems_per_step = args.problems
     cfg.rollout.num_generations = args.generations
     cfg.rollout.max_new_tokens = args.new_tokens
+    cfg.rollout.pad_multiple = args.pad_multiple  # 16: a 16-token budget is not padded to 32 columns
     cfg.rollout.use_successful_as_teacher = True
     cfg.rollout.solution_template = SOLUTION_TEMPLATE
     cfg.rollout.reprompt_template = REPROMPT_TEMPLATE
@@ -191,7 +192,8 @@ def fdjax_side(args, directory, algo: str) -> dict:
     optimizer = make_optimizer(stage.optim)
     # As the trainer builds it: laid out in the shardings the step returns, so step 2 does not recompile.
     param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    state = loop._init_state(params, optimizer, stage.step, loop.abstract_state(param_shapes, optimizer, stage.step, mesh))
+    target = loop.abstract_state(param_shapes, optimizer, stage.step, mesh)
+    state = loop._init_state(params, optimizer, stage.step, target)
     del params
     policy.model = None
     step_fn = make_train_step(graphdef, optimizer, stage.step)
@@ -210,7 +212,8 @@ def fdjax_side(args, directory, algo: str) -> dict:
             end = time.perf_counter()
             generate_s = rollout.timings["generate_s"]
             steps.append({"step_s": end - start, "generate_s": generate_s, "train_s": end - train_start,
-                          "other_s": train_start - start - generate_s, "reward_mean": float(rollout.batch.rewards_B.mean()),
+                          "other_s": train_start - start - generate_s,
+                          "reward_mean": float(rollout.batch.rewards_B.mean()),
                           "distilled": float(rollout.batch.distill_mask_B.sum()), "loss": metrics["loss"],
                           "completion_tokens": float(rollout.batch.completion_mask_BC.sum())})
     return {"steps": steps, "peak_rss_gib": _peak_rss_gib()}
@@ -383,7 +386,8 @@ def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
         out = pathlib.Path(tmp) / "result.json"
         command = [sys.executable, str(HERE), "--child", "--side", side, "--algo", algo, "--model-dir", str(directory),
                    "--out", str(out), "--problems", str(args.problems), "--generations", str(args.generations),
-                   "--new-tokens", str(args.new_tokens), "--steps", str(args.steps), "--lr", str(args.lr),
+                   "--new-tokens", str(args.new_tokens), "--pad-multiple", str(args.pad_multiple),
+                   "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
                    *(["--feedback"] if args.feedback else []),
                    *(["--no-share-prompts"] if args.no_share_prompts else []), *extra]
@@ -429,11 +433,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
-    p.add_argument("--cache-dir", default="~/.cache/fd_jax")
+    p.add_argument("--cache-dir", default="~/.cache/fd_jax/vs_trl")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 2 x 2 rows, 8 tokens, 2 steps")
     p.add_argument("--feedback", action="store_true", help="fd_jax's FD teacher also reads the checker's feedback")
+    p.add_argument("--pad-multiple", type=int, default=16, help="fd_jax rollout.pad_multiple (TRL pads to the batch)")
     p.add_argument("--agreement-only", action="store_true")
+    p.add_argument("--no-agreement", action="store_true")
+    p.add_argument("--sides", default="fdjax,trl", help="comma-separated: fdjax, trl (both: the ratios too)")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="fd_jax: one full forward per row (step.share_prompts=False), the step before issue 19")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -458,11 +465,16 @@ def main(argv=None) -> dict:
     result = {"model": "tiny-llama (random)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
               "fdjax_share_prompts": not args.no_share_prompts,
               "shape": {"problems": args.problems, "generations": args.generations, "new_tokens": args.new_tokens,
-                        "steps": args.steps, "warmup": args.warmup, "threads": args.threads},
-              "agreement": agreement(args, directory)}
+                        "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                        "fdjax_pad_multiple": args.pad_multiple},
+              "agreement": None if args.no_agreement else agreement(args, directory)}
     if not args.agreement_only:
         for algo in args.algos.split(","):
-            sides = {side: _summary(_run_child(args, side, algo, directory), args.warmup) for side in ("fdjax", "trl")}
+            sides = {side: _summary(_run_child(args, side, algo, directory), args.warmup)
+                     for side in args.sides.split(",")}
+            if len(sides) < 2:
+                result[algo] = sides
+                continue
             sides["speedup"] = round(sides["trl"]["step_s"] / sides["fdjax"]["step_s"], 3)
             sides["train_speedup"] = round(sides["trl"]["train_s"] / sides["fdjax"]["train_s"], 3)
             sides["rss_ratio"] = round(sides["fdjax"]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)

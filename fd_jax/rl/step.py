@@ -371,10 +371,11 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
 
 
 def _uses_shared_prompts(cfg: StepConfig, token_axes: TokenAxes) -> bool:
-    """share_prompts applies to one micro-batch on one device (its prefix rows are not split by rows), and
-    not to a live teacher's fused pass (one forward over student and teacher rows already)."""
+    """share_prompts applies to one micro-batch with unsplit rows on one host (its prefix rows are not
+    split by rows), and not to a live teacher's fused pass (one forward over student and teacher rows)."""
     fused_live = cfg.teacher == "live" and cfg.fuse_live_passes and cfg.distill_weight > 0
-    return cfg.share_prompts and cfg.micro_batches == 1 and token_axes is None and not fused_live
+    return (cfg.share_prompts and cfg.micro_batches == 1 and token_axes is None and not fused_live
+            and jax.process_count() == 1)  # the layout is built from the whole batch on the host
 
 
 def _split_micro(batch, k):

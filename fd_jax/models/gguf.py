@@ -49,6 +49,9 @@ def export_gguf_to_hf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) 
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = "float32"
+    # A GGUF-loaded config names no architecture; tools that rebuild the model from config.json (TRL's
+    # teacher copy, AutoModel pipelines) need it.
+    config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})  # written last: marks completion

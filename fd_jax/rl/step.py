@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -79,6 +80,73 @@ def _pad_to(x_BT, length, value):
     return jnp.pad(x_BT, ((0, 0), (0, length - x_BT.shape[1])), constant_values=value)
 
 
+PREFIX = "prefix/"  # batch keys of the shared-prompt layout (`shared_prompt_inputs`), added on the host
+
+
+def _bucket_rows(n: int) -> int:
+    """Distinct prompts padded to a power of two: few compiled shapes as their number varies by step."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32) -> dict:
+    """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
+
+    Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
+    tokens before index_BC[b, 0] are its prompt minus the last token (the prefix). Rows whose prefixes are
+    equal (the G samples of a problem) share one prefix row. Returns numpy arrays:
+    tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all padding, position -1);
+    row_B: the prefix row of each row; tokens_BC / positions_BC: the C tokens at index_BC (the last prompt
+    token and the completion but its last token), positions -1 where mask_BC is 0.
+    """
+    from fd_jax.rl.batch import bucket_length
+
+    tokens_BS, index_BC, mask_BC = map(np.asarray, (tokens_BS, index_BC, mask_BC))
+    prefix_len_B = index_BC[:, 0]
+    ids: dict[bytes, int] = {}
+    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids))
+                      for b in range(len(tokens_BS))], np.int32)
+    first = {r: b for b, r in reversed(list(enumerate(row_B)))}
+    rows, length = _bucket_rows(len(ids)), bucket_length(max(1, int(prefix_len_B.max())), multiple)
+    tokens_RT = np.zeros((rows, length), tokens_BS.dtype)
+    positions_RT = np.full((rows, length), -1, np.int32)
+    for r, b in first.items():
+        n = prefix_len_B[b]
+        tokens_RT[r, :n] = tokens_BS[b, :n]
+        positions_RT[r, :n] = np.arange(n)
+    return {"tokens_RT": tokens_RT, "positions_RT": positions_RT, "row_B": row_B,
+            "tokens_BC": np.take_along_axis(tokens_BS, index_BC, axis=1),
+            "positions_BC": np.where(mask_BC > 0, index_BC, -1).astype(np.int32)}
+
+
+def shared_prompt_inputs(batch: dict) -> dict:
+    """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`."""
+    out = {}
+    mask_BC = np.asarray(batch["completion_mask_BC"])
+    for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
+                                    "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
+        layout = _prefix_layout(batch[tokens], batch[index], mask_BC)
+        out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
+    return out
+
+
+def _shared_prefix_hidden(model, mb, family: str):
+    """[B, C, D] final hidden states at the positions that predict the completion, computed as: each distinct
+    prompt prefix once (R rows) into a KV cache, the cache gathered to the B rows, then only the C suffix
+    tokens per row against it. Equal to `hidden_states` gathered at the index (up to float rounding); the
+    G samples of a problem share their prompt's forward (and backward) pass."""
+    get = lambda k: mb[f"{PREFIX}{family}/{k}"]  # noqa: E731
+    tokens_RT = get("tokens_RT")
+    cache = model.init_cache(tokens_RT.shape[0], tokens_RT.shape[1] + get("tokens_BC").shape[1])
+    _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, 0)
+    cache = jax.tree.map(lambda x: jnp.take(x, get("row_B"), axis=0), cache)
+    hidden_BCD, _ = model.cached_hidden_states(get("tokens_BC"), get("positions_BC"), cache, tokens_RT.shape[1])
+    return hidden_BCD
+
+
+def _shares(mb, family: str) -> bool:
+    return f"{PREFIX}{family}/row_B" in mb
+
+
 def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
     """(student h_BCD, teacher h_BCD) at the positions that predict the completion tokens."""
     student = nnx.merge(graphdef, params)
@@ -94,6 +162,9 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
         ht = _gather_BCD(hidden[b:], mb["teacher_index_BC"])
         return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
     teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+    if _shares(mb, "student"):
+        hs, ht = _shared_prefix_hidden(student, mb, "student"), _shared_prefix_hidden(teacher, mb, "teacher")
+        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
     hs = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
     ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]), mb["teacher_index_BC"])
     return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
@@ -206,6 +277,8 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
 
 def _student_hidden(graphdef, params, mb):
     student = nnx.merge(graphdef, params)
+    if _shares(mb, "student"):
+        return _shared_prefix_hidden(student, mb, "student"), student.unembedding
     h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
                         mb["student_index_BC"])
     return h_BCD, student.unembedding
@@ -297,6 +370,14 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
 
 
+def _uses_shared_prompts(cfg: StepConfig, token_axes: TokenAxes) -> bool:
+    """share_prompts applies to one micro-batch with unsplit rows on one host (its prefix rows are not
+    split by rows), and not to a live teacher's fused pass (one forward over student and teacher rows)."""
+    fused_live = cfg.teacher == "live" and cfg.fuse_live_passes and cfg.distill_weight > 0
+    return (cfg.share_prompts and cfg.micro_batches == 1 and token_axes is None and not fused_live
+            and jax.process_count() == 1)  # the layout is built from the whole batch on the host
+
+
 def _split_micro(batch, k):
     """[B, ...] -> [k, B / k, ...], micro-batch j taking rows j, j + k, ...: rows split in contiguous blocks
     over devices leave every micro-batch spread over all of them."""
@@ -315,7 +396,7 @@ def make_train_step(
     def step(state: TrainState, batch: dict, token_axes: TokenAxes = None):
         loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS}
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith(PREFIX))}
         b = batch["completion_tokens_BC"].shape[0]
         if b % cfg.micro_batches:
             raise ValueError(f"batch rows {b} are not divisible by step.micro_batches={cfg.micro_batches}")
@@ -376,6 +457,8 @@ def make_train_step(
             lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None,
             state)
         token_axes = token_axes_of(batch)
+        if _uses_shared_prompts(cfg, token_axes):
+            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **shared_prompt_inputs(jax.device_get(batch))}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
             compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,

@@ -286,3 +286,51 @@ def test_batch_padded_by_its_own_rules_trains_the_same(setup):
     metrics = [step(_state(params, SHARED_CFG, optimizer=optimizer)[0], b.step_inputs())[1] for b in (batch, wider)]
     for key in ("loss", "kl_mean", "grad_norm"):
         np.testing.assert_allclose(float(metrics[1][key]), float(metrics[0][key]), rtol=2e-5, atol=1e-7)
+
+
+def _grouped_batch(problems=3, generations=3, seed=7):
+    """P problems x G samples: the G rows of a problem share the student prompt; their teacher prompts take
+    two values per problem (a demonstration, or none: the student prompt), as run_rollout builds them."""
+    rng = np.random.default_rng(seed)
+    student, teacher, completions = [], [], []
+    for _ in range(problems):
+        prompt = list(rng.integers(1, 61, rng.integers(3, 9)))
+        demo = prompt + list(rng.integers(1, 61, rng.integers(2, 6)))
+        for g in range(generations):
+            student.append(prompt)
+            teacher.append(prompt if g == 0 else demo)
+            completions.append(list(rng.integers(1, 61, rng.integers(1, 7))))
+    rows = problems * generations
+    batch = pack_train_batch(
+        student_prompts=student, teacher_prompts=teacher, completions=completions,
+        old_logprobs=[list(rng.normal(-4.0, 0.3, len(c))) for c in completions], rewards_B=np.zeros(rows),
+        advantages_B=rng.normal(size=rows), distill_mask_B=np.ones(rows), pad_id=0, pad_multiple=8)
+    return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
+
+
+@pytest.mark.parametrize("cfg", [
+    StepConfig(distill_weight=1.0, teacher="ema", loss_agg="seq_mean", **KERNEL),  # FD
+    StepConfig(distill_weight=0.0, teacher="live", **KERNEL),  # GRPO: no teacher pass
+])
+def test_shared_prompts_give_the_same_step(setup, cfg):
+    """share_prompts runs each distinct prompt once and the completions against its cached keys/values: the
+    same loss, metrics and update as one full forward per row (plain SGD, so rounding is not amplified)."""
+    from fd_jax.rl.step import shared_prompt_inputs
+
+    graphdef, params, _ = setup
+    batch = _grouped_batch()
+    layout = shared_prompt_inputs(batch)
+    assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 distinct prompts, padded to a power of two
+    assert list(layout["prefix/student/row_B"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    results = []
+    for share in (False, True):
+        c = dataclasses.replace(cfg, share_prompts=share)
+        step, optimizer = cached_step(graphdef, c, sgd=True)
+        state, _ = _state(params, c, teacher_seed=5, optimizer=optimizer)
+        results.append(step(state, batch))
+    (a, ma), (b, mb) = results
+    for key in ("loss", "grad_norm", "entropy", "kl_mean"):
+        np.testing.assert_allclose(float(mb[key]), float(ma[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+    assert float(ma["grad_norm"]) > 0
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)

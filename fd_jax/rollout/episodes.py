@@ -49,7 +49,7 @@ from flax import nnx
 
 from fd_jax.models.transformer import KVCache, Transformer
 from fd_jax.rl.batch import bucket_length
-from fd_jax.rollout.sampling import _prefill, _Static, _token_logprob, bucket, sample_tokens
+from fd_jax.rollout.sampling import Static, bucket, prefill, sample_tokens, token_logprob
 
 # Why an episode ended.
 END_ANSWER = "stop"  # the model ended its answer (a stop token) without a tool call
@@ -143,7 +143,7 @@ def _ends_with(tail_BK, seqs_MK):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static", "out_len"), donate_argnames=("cache",))
 def _decode_segment(graphdef, state, cache, logits_BV, pos_B, active_B, budget_B, stop_ids_K, stop_seqs_MK,
-                    forced_BN, key, slot0, temperature, top_p, *, static: _Static, out_len: int):
+                    forced_BN, key, slot0, temperature, top_p, *, static: Static, out_len: int):
     """Decodes every active row until it stops or has `budget_B` tokens; returns (segment, cache, steps).
 
     Token j of a row (sampled at step j) is fed at step j + 1: written into slot slot0 + j at position
@@ -158,7 +158,7 @@ def _decode_segment(graphdef, state, cache, logits_BV, pos_B, active_B, budget_B
         token_B, logprob_B, _ = sample(jax.random.fold_in(key, step), logits_BV)
         forced_B = jax.lax.dynamic_index_in_dim(forced_BN, jnp.minimum(step, out_len - 1), 1, keepdims=False)
         token_B = jnp.where(forced_B >= 0, forced_B, token_B)
-        return token_B, jnp.where(forced_B >= 0, _token_logprob(logits_BV, token_B), logprob_B)
+        return token_B, jnp.where(forced_B >= 0, token_logprob(logits_BV, token_B), logprob_B)
 
     def record(seg: _Seg, step, token_B, logprob_B) -> _Seg:
         live_B = ~seg.done_B
@@ -285,7 +285,7 @@ def run_episodes(
     out_len = bucket(max_turn_tokens, min_bucket)
     prompt_bucket = bucket(max(map(len, prompts)), min_bucket)
     cache_len = bucket(prompt_bucket + out_len, min_bucket)  # grown (doubled) when a segment needs more
-    static = _Static(greedy=temperature == 0, plain=temperature == 1 and not top_k and top_p == 1,
+    static = Static(greedy=temperature == 0, plain=temperature == 1 and not top_k and top_p == 1,
                      top_k=int(top_k), use_top_p=top_p < 1, prompt_bucket=prompt_bucket, pad_id=0)
     graphdef, state = nnx.split(model)
     stats = dict(segments=0, prefill_tokens=float(sum(map(len, prompts))), append_tokens=0.0, decode_steps=0.0,
@@ -297,7 +297,7 @@ def run_episodes(
     for i, p in enumerate(prompts):
         tokens_PT[i, : len(p)], positions_PT[i, : len(p)] = p, np.arange(len(p))
     prompt_len_P = np.array([len(p) for p in prompts], np.int32)
-    cache, logits_BV = _prefill(graphdef, state, tokens_PT, positions_PT, prompt_len_P,
+    cache, logits_BV = prefill(graphdef, state, tokens_PT, positions_PT, prompt_len_P,
                                 np.arange(B, dtype=np.int32) // n, cache_len=cache_len, mesh=None)
     logits_BV.block_until_ready()
     stats["prefill_s"] = time.perf_counter() - start

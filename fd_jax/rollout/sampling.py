@@ -1,6 +1,6 @@
 """KV-cache generation: one prefill over right-padded prompts, then one compiled decode loop.
 
-`generate` is the host orchestration; `_prefill` and `_decode` are the pure jitted programs it runs.
+`generate` is the host orchestration; `prefill` and `_decode` are the pure jitted programs it runs.
 
 * Prefill: P prompts, right-padded to a bucketed length T (padding has position -1), run once against a
   T-slot cache. Its keys/values are then gathered into the decode cache, one row per sample, so `n`
@@ -72,7 +72,7 @@ class SampleOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class Static:
     """Settings that change the compiled program (hashable: part of jax.jit's cache key)."""
 
     greedy: bool
@@ -150,23 +150,24 @@ def _draw(key, logits_BV):
     return argmax(logits_BV + jax.random.gumbel(key, logits_BV.shape, logits_BV.dtype))
 
 
-def _token_logprob(logits_BV, token_B):
+def token_logprob(logits_BV, token_B):
+    """log p(token_B) under logits_BV, per row: [B]."""
     picked_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0]
     return picked_B - jax.nn.logsumexp(logits_BV, axis=-1)
 
 
-def sample_tokens(key, logits_BV, temperature, top_p, static: _Static):
+def sample_tokens(key, logits_BV, temperature, top_p, static: Static):
     """(token_B, logprob_B at temperature 1, logprob_B under the sampling distribution)."""
     if static.greedy:
         token_B = argmax(logits_BV)
-        return token_B, _token_logprob(logits_BV, token_B), jnp.zeros(token_B.shape, jnp.float32)
+        return token_B, token_logprob(logits_BV, token_B), jnp.zeros(token_B.shape, jnp.float32)
     if static.plain:
         token_B = _draw(key, logits_BV)
-        logprob_B = _token_logprob(logits_BV, token_B)
+        logprob_B = token_logprob(logits_BV, token_B)
         return token_B, logprob_B, logprob_B
     filtered_BV = filter_logits(logits_BV, temperature, top_k=static.top_k, top_p=top_p if static.use_top_p else None)
     token_B = _draw(key, filtered_BV)
-    return token_B, _token_logprob(logits_BV, token_B), _token_logprob(filtered_BV, token_B)
+    return token_B, token_logprob(logits_BV, token_B), token_logprob(filtered_BV, token_B)
 
 
 # -- the compiled programs --------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def _prefill(graphdef, state, tokens_PT, positions_PT, prompt_len_P, row_prompt_B, *, cache_len: int, mesh):
+def prefill(graphdef, state, tokens_PT, positions_PT, prompt_len_P, row_prompt_B, *, cache_len: int, mesh):
     """Runs the prompts once; returns the decode cache ([B, cache_len] slots) and the next-token logits_BV."""
     model = nnx.merge(graphdef, state)
     num_prompts, prompt_bucket = tokens_PT.shape
@@ -241,7 +242,7 @@ class _Rows(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK, key, max_new_tokens,
-            temperature, top_p, *, static: _Static) -> tuple[_Rows, KVCache]:
+            temperature, top_p, *, static: Static) -> tuple[_Rows, KVCache]:
     """Samples up to max_new_tokens per row, the first from the prefill's logits_BV.
 
     Returns the rows and the cache (returned so that the donated buffer is updated in place).
@@ -425,11 +426,11 @@ def generate(
     if mesh is not None:
         batch = batch._replace(**sharding_lib.shard_batch(batch._asdict(), mesh))
     prompt_bucket = batch.tokens_PT.shape[1]
-    static = _Static(greedy=temperature == 0, plain=temperature == 1 and not top_k and top_p == 1,
+    static = Static(greedy=temperature == 0, plain=temperature == 1 and not top_k and top_p == 1,
                      top_k=int(top_k), use_top_p=top_p < 1, prompt_bucket=prompt_bucket, pad_id=int(pad_id))
 
     graphdef, state = nnx.split(model)
-    cache, logits_BV = _prefill(graphdef, state, batch.tokens_PT, batch.positions_PT, batch.prompt_len_P,
+    cache, logits_BV = prefill(graphdef, state, batch.tokens_PT, batch.positions_PT, batch.prompt_len_P,
                                 batch.row_prompt_B, cache_len=prompt_bucket + bucket(max_new_tokens, min_bucket),
                                 mesh=mesh)
     rows, _ = _decode(

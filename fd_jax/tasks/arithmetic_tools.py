@@ -11,7 +11,6 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticTask
-from fd_jax.tasks.base import fail
 
 # Literal braces of the JSON call are doubled: the template is filled with str.format.
 TOOLS_TEMPLATE = (
@@ -26,13 +25,6 @@ class ArithmeticToolsTask(ArithmeticTask):
 
     name = "arithmetic_tools"
     episodic = True
-
-    def check(self, cfg: config_dict.ConfigDict) -> None:
-        super().check(cfg)
-        if cfg.eval.every_steps or cfg.eval.at_end:
-            raise fail("eval.every_steps", cfg.eval.every_steps, "periodic evaluation runs single-turn "
-                       "generation, not episodes; set eval.every_steps=0 and eval.at_end=False for "
-                       "data.task=arithmetic_tools")
 
     def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
         fmt = super().prompt_format(cfg, tokenizer)

@@ -49,10 +49,6 @@ class LeanAgenticTask(LeanTask):
 
     def check(self, cfg: config_dict.ConfigDict) -> None:
         super().check(cfg)
-        if cfg.eval.every_steps or cfg.eval.at_end:
-            raise fail("eval.every_steps", cfg.eval.every_steps, "periodic evaluation runs single-turn "
-                       "generation, not episodes; set eval.every_steps=0 and eval.at_end=False for "
-                       "data.task=lean_agentic")
         if cfg.episode.mathlib_dir and not os.path.isdir(os.path.expanduser(cfg.episode.mathlib_dir)):
             raise fail("episode.mathlib_dir", cfg.episode.mathlib_dir, "not a directory (Mathlib's sources, e.g. "
                        f"<lean.cwd>/{MATHLIB_IN_PROJECT}; '' = look there, else no search tools)")

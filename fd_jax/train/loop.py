@@ -370,21 +370,30 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             record = _record(run, stage, step, rollout, per_iteration, start, time.perf_counter() - train_start,
                              epoch=data_state["epoch"])
             record.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
-            # eval.at_end evaluates here too, so that its eval/* scores reach metrics.jsonl and TensorBoard.
-            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
-                record.update(_evaluate(run, stage, state.params, step))
-            run.log.write(record, tensorboard_dir=stage_dir / TENSORBOARD)
             trained += 1
-            stop = run.stop.should_stop()
-            if stop or step == stage.last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                ckpt.save(step, state, meta=_meta(run, stage, step, data_state), force=True)
-            if stop:
+            if _end_step(run, stage, ckpt, step, state, data_state, record):
                 if pending is not None:
                     pending.result()  # let the sampler thread finish; its batch is re-sampled on resume
-                run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
                 return False, step
     _finish_stage(run, stage, state, stage.last, trained=trained > 0)
     return True, stage.last
+
+
+def _end_step(run: _Run, stage: Stage, ckpt: Checkpointer, step: int, state: TrainState, data_state: dict,
+              record: dict) -> bool:
+    """What every stage does after its update: evaluate when due (eval.at_end too, so that its eval/* scores
+    reach metrics.jsonl and TensorBoard), write the record, checkpoint when due or on a signal. Returns
+    whether a signal asked to stop (the checkpoint of `step` is then written)."""
+    cfg = run.cfg
+    if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
+        record.update(_evaluate(run, stage, state.params, step))
+    run.log.write(record, tensorboard_dir=run.stage_dir(stage) / TENSORBOARD)
+    stop = run.stop.should_stop()
+    if stop or step == stage.last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+        ckpt.save(step, state, meta=_meta(run, stage, step, data_state), force=True)
+    if stop:
+        run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
+    return stop
 
 
 def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[bool, int]:
@@ -415,15 +424,8 @@ def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tu
             record = {"step": step, "stage": stage.name, "stage_step": step - stage.first + 1,
                       "epoch": data_state["epoch"], **{k: float(v) for k, v in jax.device_get(metrics).items()},
                       "time/step_s": time.perf_counter() - start, "wall_time": time.time(), **compilations.totals()}
-            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or (cfg.eval.at_end and step == stage.last):
-                record.update(_evaluate(run, stage, state.params, step))
-            run.log.write(record, tensorboard_dir=stage_dir / TENSORBOARD)
             trained += 1
-            stop = run.stop.should_stop()
-            if stop or step == stage.last or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
-                ckpt.save(step, state, meta=_meta(run, stage, step, data_state), force=True)
-            if stop:
-                run.log.message(f"stopped by a signal after step {step}; checkpoint saved in {ckpt.directory}")
+            if _end_step(run, stage, ckpt, step, state, data_state, record):
                 return False, step
     _finish_stage(run, stage, state, stage.last, trained=trained > 0)
     return True, stage.last

@@ -37,6 +37,7 @@ LOSS_TYPES = ("bnpo", "dapo", "dr_grpo", "grpo")  # fd_jax.rl.losses' policy agg
 LOSS_AGGS = ("constant", "seq_mean", "token_mean")  # fd_jax.rl.losses' FD aggregations
 SCHEDULES = ("constant", "cosine")
 REWARD_SCALES = ("group", "batch", "none")
+TOOL_FORMATS = ("auto", "json_tag", "hermes", "llama3_json")  # fd_jax.tasks.tool_formats' registry
 
 
 def knob(default: Any, doc: str, *, choices: Sequence[Any] | None = None, minimum: int | None = None,
@@ -197,6 +198,8 @@ class EpisodeConfig:
     mathlib_dir: str = knob("", "Mathlib source tree of mathlib_search / read_mathlib ('' = those tools off)")
     search_matches: int = knob(20, "mathlib_search: at most this many matches", minimum=1)
     read_lines: int = knob(80, "read_mathlib: at most this many lines per call", minimum=1)
+    tool_format: str = knob("auto", "how calls and results are written: auto (the chat template's native format if it "
+                            "supports tools, else json_tag) | json_tag | hermes | llama3_json", choices=TOOL_FORMATS)
 
     def __post_init__(self):
         check_fields(self, "episode")

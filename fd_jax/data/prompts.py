@@ -91,9 +91,14 @@ class ChatMessages:
     system: str | None
     turns: tuple[tuple[str, str], ...]
     user: str
+    tools: tuple[dict[str, Any], ...] = ()  # tool schemas for the template (`apply_chat_template(tools=)`)
 
     def render(self, tokenizer: Any) -> str:
-        return render_chat(tokenizer, self.user, system=self.system, turns=self.turns)
+        return render_chat(tokenizer, self.user, system=self.system, turns=self.turns, tools=self.tools)
+
+    def as_list(self) -> list[dict[str, str]]:
+        """The messages as `apply_chat_template` takes them (system, the exchanges, the user turn)."""
+        return chat_messages(self.user, system=self.system, turns=self.turns)
 
 
 @dataclasses.dataclass
@@ -105,6 +110,8 @@ class LeanChatFormat:
     system: str | None = None  # an optional system turn
     include_informal: bool = True
     add_special_tokens: bool = False  # the chat template writes its own BOS, if any
+    tools: tuple[dict[str, Any], ...] = ()  # tool schemas rendered by the template (a native tool format)
+    tool_format: Any = None  # the episode's `fd_jax.tasks.tool_formats` format (None: json_tag / no tools)
 
     def messages(self, problem: Problem, context: str = "") -> ChatMessages:
         informal = problem.informal if self.include_informal else ""
@@ -115,7 +122,7 @@ class LeanChatFormat:
             informal=informal,
             statement=problem.statement,
         )
-        return ChatMessages(self.system, (), user)
+        return ChatMessages(self.system, (), user, tuple(self.tools))
 
     def render(self, problem: Problem, context: str = "") -> str:
         return self.messages(problem, context).render(self.tokenizer)
@@ -127,18 +134,26 @@ class LeanChatFormat:
         return _lean_demonstration(task)
 
 
-def render_chat(
-    tokenizer: Any, user: str, *, system: str | None = None, turns: Sequence[tuple[str, str]] = ()
-) -> str:
-    """One user turn rendered with a generation prompt, as text: after an optional system turn and the
-    earlier (user, assistant) exchanges in `turns` (worked examples a small model imitates)."""
+def chat_messages(user: str, *, system: str | None = None, turns: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """[system], (user, assistant) per exchange of `turns`, then `user`: the messages of a chat prompt."""
     messages = [{"role": "system", "content": system}] if system else []
     for asked, answered in turns:
         messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
-    messages.append({"role": "user", "content": user})
+    return messages + [{"role": "user", "content": user}]
+
+
+def render_chat(
+    tokenizer: Any, user: str, *, system: str | None = None, turns: Sequence[tuple[str, str]] = (),
+    tools: Sequence[dict[str, Any]] = (),
+) -> str:
+    """One user turn rendered with a generation prompt, as text: after an optional system turn and the
+    earlier (user, assistant) exchanges in `turns` (worked examples a small model imitates); `tools`: tool
+    schemas the template puts where the model family expects them (none: the template is called without)."""
+    messages = chat_messages(user, system=system, turns=turns)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template; use a completion format")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": list(tools)} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
 
 PROMPT_FORMATS: dict[str, Callable[..., PromptFormat]] = {

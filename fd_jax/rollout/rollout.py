@@ -186,20 +186,27 @@ def _episodes_and_check(
     """Episodes for every row (G per problem), then their final answers verified and, for failures,
     feedback on the whole trajectory."""
     from fd_jax.rollout.episodes import END_ANSWER, END_SUBMIT, run_episodes
-    from fd_jax.tasks.tools import CALL_CLOSE, ToolBox, ToolContext, ToolEnvironment
+    from fd_jax.tasks.tool_formats import JsonTagFormat
+    from fd_jax.tasks.tools import ToolBox, ToolContext, ToolEnvironment
 
     G, ec = config.num_generations, setup.config
     B = len(problems) * G
+    tool_format = getattr(fmt, "tool_format", None) or JsonTagFormat()  # the task resolved episode.tool_format
+    # A native format renders each result through the chat template after the row's messages so far.
+    messages = [fmt.messages(problems[b // G]).as_list() for b in range(B)] if tool_format.native else None
     box = ToolBox(setup.tools, timeout_s=ec.tool_timeout_s, max_output_chars=ec.max_tool_output_chars,
                   workers=ec.tool_workers)
-    env = ToolEnvironment(box, [ToolContext(problems[b // G].statement, problems[b // G].id) for b in range(B)])
+    encode = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    env = ToolEnvironment(box, [ToolContext(problems[b // G].statement, problems[b // G].id) for b in range(B)],
+                          tool_format=tool_format, messages=messages, fit=(encode, ec.max_obs_tokens))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     try:
         out = run_episodes(
-            model, student_prompts, env, decode=decode, encode=lambda t: tokenizer.encode(t, add_special_tokens=False),
+            model, student_prompts, env, decode=decode, encode=encode,
             n=G, max_turns=ec.max_turns, max_turn_tokens=ec.max_turn_tokens, max_obs_tokens=ec.max_obs_tokens,
-            max_episode_tokens=ec.max_episode_tokens, stop_token_ids=[t for t in (tokenizer.eos_token_id,) if t is not None],
-            stop_strings=[CALL_CLOSE], temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=seed,
+            max_episode_tokens=ec.max_episode_tokens, stop_token_ids=tool_format.stop_token_ids(tokenizer),
+            stop_strings=list(tool_format.stop_strings), temperature=config.temperature, top_p=config.top_p,
+            top_k=config.top_k, seed=seed,
             forced=None if setup.script is None else [setup.script(problems[b // G], b % G) for b in range(B)])
     finally:
         box.close()

@@ -239,6 +239,8 @@ class ArithmeticFormat:
     tokenizer: Any = None
     system: str | None = None
     examples: Sequence[tuple[str, int]] = ()
+    tools: tuple[dict[str, Any], ...] = ()  # tool schemas rendered by the template (a native tool format)
+    tool_format: Any = None  # the episode's `fd_jax.tasks.tool_formats` format (None: json_tag / no tools)
 
     def __post_init__(self) -> None:
         if self.system and self.tokenizer is None:
@@ -262,7 +264,7 @@ class ArithmeticFormat:
         if self.tokenizer is None:
             raise ValueError("ArithmeticFormat: chat messages need the chat format (give the tokenizer)")
         turns = tuple((self._ask(s), f"Answer: {a}") for s, a in self._shown(problem))
-        return ChatMessages(self.system, turns, self._ask(problem.statement, context))
+        return ChatMessages(self.system, turns, self._ask(problem.statement, context), tuple(self.tools))
 
     def render(self, problem: Problem, context: str = "") -> str:
         if self.tokenizer is not None:

@@ -11,6 +11,7 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.tasks.arithmetic import ArithmeticFormat, ArithmeticTask
+from fd_jax.tasks.base import attach_tool_format
 
 # Literal braces of the JSON call are doubled: the template is filled with str.format.
 TOOLS_TEMPLATE = (
@@ -18,6 +19,8 @@ TOOLS_TEMPLATE = (
     'To use the calculator write <tool>{{"name": "calculator", "arguments": {{"expression": "12 * 7"}}}}</tool> '
     "and read its result. End with 'Answer: ' and the integer.\n"
 )
+# With the model family's native tool format the chat template shows the calculator's schema.
+NATIVE_TOOLS_TEMPLATE = "{context}{statement}\nUse the calculator tool where it helps. End with 'Answer: ' and the integer.\n"
 
 
 class ArithmeticToolsTask(ArithmeticTask):
@@ -28,9 +31,11 @@ class ArithmeticToolsTask(ArithmeticTask):
 
     def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> ArithmeticFormat:
         fmt = super().prompt_format(cfg, tokenizer)
-        if not cfg.data.prompt_template:
-            fmt.template = TOOLS_TEMPLATE
-        return fmt
+        return attach_tool_format(self, cfg, tokenizer, fmt, json_template=TOOLS_TEMPLATE,
+                                  native_template=NATIVE_TOOLS_TEMPLATE)
+
+    def tool_names(self, cfg: config_dict.ConfigDict) -> list[str]:
+        return ["calculator", "submit"]
 
     def make_tools(self, cfg: config_dict.ConfigDict, verifier: Any) -> dict[str, Any]:
         from fd_jax.tasks.tools import Calculator, submit_tool

@@ -69,6 +69,10 @@ class Task:
         """The tools of an episodic task (name -> `fd_jax.tasks.tools.Tool`), given this host's verifier."""
         return {}
 
+    def tool_names(self, cfg: config_dict.ConfigDict) -> list[str]:
+        """The names `make_tools` gives under this config (for the tool schemas of a native tool format)."""
+        return []
+
     def source(self, cfg: config_dict.ConfigDict) -> str:
         """Where the problems come from, for reports."""
         raise NotImplementedError
@@ -84,6 +88,30 @@ class Task:
 def fail(path: str, value: Any, why: str) -> ConfigError:
     """`config.PATH = VALUE: why`, the shape of every config error."""
     return ConfigError(f"config.{path} = {value!r}: {why}")
+
+
+def attach_tool_format(task: Task, cfg: config_dict.ConfigDict, tokenizer: Any, fmt: Any, *, json_template: str,
+                       native_template: str) -> Any:
+    """Sets `fmt.tool_format` (`episode.tool_format` resolved for this tokenizer, `fd_jax.tasks.tool_formats`)
+    and, unless `data.prompt_template` overrides it, the template that explains the calls: `json_template`
+    spells out the `<tool>` syntax; with a native format the chat template carries the tool schemas
+    (`fmt.tools`) and `native_template` only says what to do. Returns fmt; ConfigError naming
+    episode.tool_format when the prompt format or the tokenizer cannot take the format asked for."""
+    from fd_jax.tasks.tool_formats import resolve
+    from fd_jax.tasks.tools import tool_schemas
+
+    schemas = tool_schemas(task.tool_names(cfg))
+    chat = getattr(fmt, "tokenizer", None) is not None
+    try:
+        fmt.tool_format = resolve(cfg.episode.tool_format, tokenizer, schemas, chat=chat)
+    except ValueError as e:
+        raise fail("episode.tool_format", cfg.episode.tool_format, f"{e} (data.prompt_format = "
+                   f"{cfg.data.prompt_format!r})") from None
+    if fmt.tool_format.native:
+        fmt.tools = tuple(schemas)
+    if not cfg.data.prompt_template:
+        fmt.template = native_template if fmt.tool_format.native else json_template
+    return fmt
 
 
 def format_options(cfg: config_dict.ConfigDict, tokenizer: Any) -> dict[str, Any]:

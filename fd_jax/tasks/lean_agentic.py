@@ -12,7 +12,7 @@ from typing import Any
 from ml_collections import config_dict
 
 from fd_jax.data.prompts import PromptFormat
-from fd_jax.tasks.base import fail
+from fd_jax.tasks.base import attach_tool_format, fail
 from fd_jax.tasks.lean import LeanTask
 
 # Literal braces of the JSON calls are doubled: the template is filled with str.format.
@@ -25,6 +25,13 @@ AGENTIC_LEAN_TEMPLATE = (
     '- read_mathlib {{"path": FILE, "start_line": N, "end_line": M}}: read lines of a Mathlib file\n'
     '- submit {{"code": FILE}}: submit the complete proof; this ends the attempt\n'
     "Or end by writing the complete Lean 4 code, statement included, in one lean4 code block."
+)
+# With the model family's native tool format the chat template shows the tools' schemas.
+NATIVE_AGENTIC_LEAN_TEMPLATE = (
+    "{context}Prove the following theorem in Lean 4:\n\n```lean4\n{header}{informal}{statement}```\n\n"
+    "You may call the tools, one per turn: lean_check compiles a complete Lean file (statement included), "
+    "mathlib_search and read_mathlib read the Mathlib sources, submit submits the complete proof and ends the "
+    "attempt. Or end by writing the complete Lean 4 code, statement included, in one lean4 code block."
 )
 MATHLIB_IN_PROJECT = ".lake/packages/mathlib"  # where Mathlib's sources sit in a Lake project (lean.cwd)
 
@@ -55,9 +62,12 @@ class LeanAgenticTask(LeanTask):
 
     def prompt_format(self, cfg: config_dict.ConfigDict, tokenizer: Any) -> PromptFormat:
         fmt = super().prompt_format(cfg, tokenizer)
-        if not cfg.data.prompt_template:
-            fmt.template = AGENTIC_LEAN_TEMPLATE
-        return fmt
+        return attach_tool_format(self, cfg, tokenizer, fmt, json_template=AGENTIC_LEAN_TEMPLATE,
+                                  native_template=NATIVE_AGENTIC_LEAN_TEMPLATE)
+
+    def tool_names(self, cfg: config_dict.ConfigDict) -> list[str]:
+        search = ["mathlib_search", "read_mathlib"] if mathlib_dir(cfg) else []
+        return ["lean_check", *search, "submit"]
 
     def make_tools(self, cfg: config_dict.ConfigDict, verifier: Any) -> dict[str, Any]:
         from fd_jax.tasks.tools import default_tools

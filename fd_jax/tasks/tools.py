@@ -38,12 +38,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fd_jax.rollout.episodes import Reaction
+from fd_jax.tasks.tool_formats import JSON_TAG, RESULT_TEMPLATE, JsonTagFormat, ToolFormat
 from fd_jax.verification import ProofTask, Verifier
 
-CALL_OPEN, CALL_CLOSE = "<tool>", "</tool>"
-RESULT_TEMPLATE = "\n<result>\n{result}\n</result>\n"
 SUBMIT = "submit"
-_CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
+# The fallback format's call and result (`fd_jax.tasks.tool_formats.JsonTagFormat`).
+CALL_OPEN, CALL_CLOSE = JSON_TAG.open, JSON_TAG.close
 
 
 class ToolError(Exception):
@@ -62,21 +62,9 @@ Tool = Callable[[dict[str, Any], ToolContext], str]
 
 
 def parse_call(text: str) -> tuple[str, dict[str, Any]] | str | None:
-    """The last `<tool>{json}</tool>` of a turn as (name, arguments); an error text when it is malformed;
-    None when the turn has no call."""
-    calls = _CALL.findall(text)
-    if not calls:
-        return None
-    try:
-        call = json.loads(calls[-1])
-    except ValueError as e:
-        return f"error: the call is not JSON ({e}); write {CALL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{CALL_CLOSE}"
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return "error: a call is a JSON object with a string \"name\" and an object \"arguments\""
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, dict):
-        return "error: \"arguments\" must be a JSON object"
-    return call["name"], arguments
+    """The `<tool>{json}</tool>` call of a turn as (name, arguments); an error text when it is malformed
+    (or several, unclosed, or inside a code block); None when the turn has no call."""
+    return JSON_TAG.parse(text)
 
 
 def _argument(arguments: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -326,29 +314,61 @@ class ToolBox:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ToolEnvironment:
-    """`fd_jax.rollout.episodes.Environment` over a ToolBox: a turn with a call gets the tool's result as
-    its observation (`RESULT_TEMPLATE`); a `submit` call, or a turn without a call (an answer), ends the
-    episode. `final[b]`: the text to verify for row b (submit's `answer`/`code`, else the last turn's
-    text); `calls[b]`: the row's calls with results and timings, for the logs."""
+_CUT_NOTE = "\n... (cut)"
 
-    def __init__(self, toolbox: ToolBox, contexts: Sequence[ToolContext]):
+
+class ToolEnvironment:
+    """`fd_jax.rollout.episodes.Environment` over a ToolBox, in a tool-call format (`fd_jax.tasks.tool_formats`,
+    `json_tag` by default): a turn with a call gets the tool's result as its observation; a malformed
+    call gets an `error: ...` result; a `submit` call, or a turn without a call (an answer), ends the
+    episode. `final[b]`: the text to verify for row b (submit's `answer`/`code`, else the last turn's
+    text); `calls[b]`: the row's calls with results and timings, for the logs.
+
+    messages[b]: the row's chat so far (a native format renders each result through the chat template
+    after it; the prompt's messages at the start, then the turns and results are appended here).
+    fit: (encode, max_tokens): a result is cut until its observation (scaffolding included) encodes to at
+    most max_tokens, so the episode's own cut at max_obs_tokens never cuts a native format's scaffolding."""
+
+    def __init__(self, toolbox: ToolBox, contexts: Sequence[ToolContext], *, tool_format: ToolFormat | None = None,
+                 messages: Sequence[Sequence[dict[str, Any]]] | None = None,
+                 fit: tuple[Callable[[str], Sequence[int]], int] | None = None):
         self.toolbox = toolbox
         self.contexts = list(contexts)
+        self.format = tool_format if tool_format is not None else JsonTagFormat()
+        if self.format.native and messages is None:
+            raise ValueError(f"tool format {self.format.name} needs each row's prompt messages")
+        self.messages = [list(m) for m in messages] if messages is not None else [[] for _ in contexts]
+        self.fit = fit
         self.final: list[str | None] = [None] * len(contexts)
         self.calls: list[list[dict[str, Any]]] = [[] for _ in contexts]
+
+    def _observe(self, b: int, result: str, name: str | None) -> str:
+        text = self.format.observation(self.messages[b], result, name)
+        for _ in range(8 if self.fit is not None else 0):  # each pass cuts the result by its share of the excess
+            encode, limit = self.fit
+            count = len(encode(text))
+            if count <= limit or not result:
+                break
+            content = max(1, len(encode(result)))
+            room = limit - (count - content) - len(encode(_CUT_NOTE))  # what the scaffolding leaves
+            keep = min(len(result) - 1, int(len(result) * room / content)) if room > 0 else 0
+            result = result[:keep] + _CUT_NOTE if keep > 0 else ""
+            text = self.format.observation(self.messages[b], result, name)
+        self.messages[b].append({"role": "tool", "content": result, **({"name": name} if name else {})})
+        return text
 
     def react(self, rows: Sequence[int], turn_texts: Sequence[str], ended: Sequence[bool]) -> list[Reaction]:
         reactions: dict[int, Reaction] = {}
         pending = []
         for i, (b, text) in enumerate(zip(rows, turn_texts)):
-            parsed = parse_call(text)
-            if parsed is None or ended[i]:  # an answer: the episode is over
+            self.messages[b].append({"role": "assistant", "content": text})
+            parsed = self.format.parse(text)
+            if parsed is None or (ended[i] and not self.format.calls_end_turns):  # an answer: the episode is over
                 self.final[b] = text
                 reactions[i] = Reaction(done=True)
             elif isinstance(parsed, str):  # a malformed call: tell the model
                 self.calls[b].append({"name": None, "arguments": None, "result": parsed, "ok": False, "time_s": 0.0})
-                reactions[i] = Reaction(observation=RESULT_TEMPLATE.format(result=parsed), call={"name": None})
+                reactions[i] = Reaction(observation=self._observe(b, parsed, None), call={"name": None})
             elif parsed[0] == SUBMIT:
                 args = parsed[1]
                 answer = args.get("answer", args.get("code"))
@@ -361,9 +381,34 @@ class ToolEnvironment:
         for (i, b, (name, args)), result in zip(pending, results):
             call = {"name": name, "arguments": args}
             self.calls[b].append({**call, "result": result.text, "ok": result.ok, "time_s": result.time_s})
-            reactions[i] = Reaction(observation=RESULT_TEMPLATE.format(result=result.text), call=call,
-                                    time_s=result.time_s)
+            reactions[i] = Reaction(observation=self._observe(b, result.text, name), call=call, time_s=result.time_s)
         return [reactions[i] for i in range(len(rows))]
+
+
+# JSON schemas of the tools (OpenAI function style), the `tools=` a native format's chat template renders.
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "calculator": ("Exact arithmetic on integers: + - * / // % ** and parentheses.", {"expression": _STRING}, ["expression"]),
+    "lean_check": ("Compile a complete Lean 4 file (statement included) and return Lean's messages.", {"code": _STRING}, ["code"]),
+    "mathlib_search": ("Search the Mathlib sources with a regular expression; matches as file:line: text.",
+                       {"pattern": _STRING}, ["pattern"]),
+    "read_mathlib": ("Read lines start_line..end_line of a Mathlib file.",
+                     {"path": _STRING, "start_line": _INTEGER, "end_line": _INTEGER}, ["path"]),
+    SUBMIT: ("Submit the final answer (arithmetic: answer) or the complete proof (Lean: code); ends the attempt.",
+             {"answer": _STRING, "code": _STRING}, []),
+}
+
+
+def tool_schemas(names: Sequence[str]) -> list[dict[str, Any]]:
+    """The schemas of `names` (in that order) as `apply_chat_template(tools=...)` takes them; a tool
+    without a schema gets one with free-form arguments."""
+    out = []
+    for name in names:
+        description, properties, required = SCHEMAS.get(name, (f"the {name} tool", {}, []))
+        out.append({"type": "function", "function": {"name": name, "description": description, "parameters": {
+            "type": "object", "properties": properties, "required": required}}})
+    return out
 
 
 def default_tools(*, mathlib_root: str | None = None, verifier: Verifier | None = None,

@@ -263,3 +263,44 @@ def test_a_long_result_is_cut_to_fit_the_observation_budget():
     ids = encode(reaction.observation)
     assert 60 < len(ids) <= 120  # cut, but not to nothing
     assert reaction.observation.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")  # scaffolding intact
+
+
+def test_a_rollout_in_the_native_format_trains_on_model_tokens_only(model, tmp_path):
+    """The rollout path (`run_rollout` with episodes) takes the format the task resolved: the prompt
+    carries the schemas, the turn ends at `<|im_end|>`, the result is the template's, rewards come from
+    the final answer and only the model's tokens are in the loss."""
+    from fd_jax.config.schema import EpisodeConfig, RolloutConfig
+    from fd_jax.rollout.rollout import EpisodeSetup, run_rollout
+    from fd_jax.tasks.arithmetic import ArithmeticVerifier, answer_of
+
+    tok = tokenizer(QWEN_TOOLS)
+    encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    fmt = get_task("arithmetic_tools").prompt_format(_cfg(), tok)
+
+    def script(problem, sample):
+        value = answer_of(problem.statement) + sample  # sample 1 answers wrong
+        call = '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>' % (
+            problem.statement[len("Compute "):-1])
+        return [encode(call) + [end], encode(f"Answer: {value}") + [end]]
+
+    problems = make_problems(2, seed=3, level="hard")
+    setup = EpisodeSetup(EpisodeConfig(max_turns=3, max_turn_tokens=96, max_obs_tokens=96, max_episode_tokens=300,
+                                       tool_timeout_s=10.0), {"calculator": Calculator(), "submit": submit_tool},
+                         script=script)
+    with ArithmeticVerifier() as verifier:
+        result = run_rollout(problems, model=model, tokenizer=tok, fmt=fmt, verifier=verifier, feedback=None,
+                             config=RolloutConfig(num_generations=2, pad_multiple=16), seed=1, workdir=tmp_path,
+                             episodes=setup)
+    assert [r["status"] for r in result.records] == ["valid", "invalid"] * 2
+    record, batch = result.records[0], result.batch
+    assert record["calls"][0]["result"] == str(answer_of(problems[0].statement))
+    assert '"name": "calculator"' in record["prompt"]  # the schemas are in the prompt
+    n_call, n_answer = (len(t) for t in script(problems[0], 0))
+    obs = record["turns"][0]["observation_tokens"]
+    mask = batch.completion_mask_BC[0]
+    assert mask[:n_call].all() and not mask[n_call:n_call + obs].any() and mask.sum() == n_call + n_answer
+    completion = batch.completion_tokens_BC[0][: n_call + obs + n_answer].tolist()
+    assert tok.decode(completion[n_call:n_call + obs]) == (
+        f"\n<|im_start|>user\n<tool_response>\n{record['calls'][0]['result']}\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n")

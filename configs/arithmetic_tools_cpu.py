@@ -2,7 +2,7 @@
 arithmetic_tools), the smoke config's tiny random model and character tokenizer, episodes of up to 3 turns.
 A random model rarely writes a well-formed call, so this checks the machinery (episodes on one KV cache,
 tool output masked out of both losses, the trajectory in the feedback request, full episode logs in
-rollouts.jsonl, checkpoints and resume), not learning. A few minutes on a 2-core CPU.
+rollouts.jsonl, checkpoints and resume, evaluation in episodes), not learning. A few minutes on a 2-core CPU.
 
     python scripts/train_tpu.py --config configs/arithmetic_tools_cpu.py --workdir runs/arith_tools
 """
@@ -41,6 +41,9 @@ def get_config():
 
     config.checkpoint.every_steps = 2
     config.log.plot_every_steps = 5
-    config.eval.every_steps = 0  # periodic evaluation is single-turn: off for episodic tasks
+    config.eval.every_steps = 5  # pass@k of the final answers of episodes (the rollout's sampler)
     config.eval.at_end = False
+    config.eval.num_problems = 8
+    config.eval.n = 4
+    config.eval.ks = (1, 4)
     return config

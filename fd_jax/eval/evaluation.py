@@ -15,6 +15,8 @@ diversity measures are those of `fd_jax.eval.diversity`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -173,6 +175,7 @@ def evaluate(
     generate_fn: Callable[..., Any] | None = None,
     keep_samples: bool = False,
     progress: bool | None = None,
+    episodes: Any = None,
 ) -> dict[str, Any]:
     """Samples n completions per problem, verifies them, and reports pass@k, entropy and diversity.
 
@@ -186,6 +189,11 @@ def evaluate(
     [rows, heads, T, T] scores). lemmas: count Mathlib lemmas in valid proofs (off for the arithmetic test
     bed, whose "proofs" are numbers). keep_samples: add `samples`, one record per completion, to the
     report. progress: a tqdm bar (None = only on a terminal; log lines otherwise).
+    episodes: an episodic task's `fd_jax.rollout.rollout.EpisodeSetup`: each sample is an episode with
+    tools, sampled as the training rollout samples them (`fd_jax.rollout.rollout.sample_episodes`, budgets of
+    the setup instead of max_new_tokens, batch_problems problems at a time); pass@k is over the final
+    submissions' verdicts, an episode that ends without an answer counts as a failure, and the entropy is
+    over the model's own tokens (never tool output).
 
     Returns a JSON-serialisable dict: `pass_at_k` {str(k): mean over problems}, `entropy` (nats per token,
     None when off), `diversity`, per-problem records in `problems`, `statuses`, `timings` and the settings.
@@ -201,10 +209,15 @@ def evaluate(
     start = time.perf_counter()
     encode = lambda text: tokenizer.encode(text, add_special_tokens=fmt.add_special_tokens)  # noqa: E731
     prompts = [encode(fmt.render(p)) for p in problems]
-    chunks = sample_chunks(problems, prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
-                           generate_fn=generate_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, top_k=top_k, seed=seed, chunk_problems=batch_problems,
-                           stop_strings=stop_strings)
+    if episodes is not None:
+        chunks = _episode_chunks(problems, prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+                                 setup=episodes, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                 chunk_problems=batch_problems)
+    else:
+        chunks = sample_chunks(problems, prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+                               generate_fn=generate_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, seed=seed, chunk_problems=batch_problems,
+                               stop_strings=stop_strings)
 
     completions: list[list[int]] = []
     texts: list[str] = []
@@ -224,8 +237,11 @@ def evaluate(
             if entropy:
                 t0 = time.perf_counter()
                 rows = [prompts[p] for p in chunk.problems for _ in range(n)]
-                token_entropy += completion_logprobs_and_entropy(model, rows, chunk.completions,
-                                                                 batch_rows=entropy_batch_rows)[1]
+                rows_entropy = completion_logprobs_and_entropy(model, rows, chunk.completions,
+                                                               batch_rows=entropy_batch_rows)[1]
+                masks = getattr(chunk, "masks", None)  # episodes: the model's own tokens only
+                token_entropy += rows_entropy if masks is None else [
+                    np.asarray(e)[np.asarray(m[: len(e)], bool)] for e, m in zip(rows_entropy, masks)]
                 entropy_s += time.perf_counter() - t0
             bar.update(len(chunk.problems))
             if bar.disable:
@@ -249,6 +265,39 @@ def evaluate(
             for b in range(len(tasks))
         ]
     return report
+
+
+@dataclasses.dataclass
+class _EpisodeChunk:
+    """What `evaluate` reads of a chunk (the fields of `fd_jax.rollout.sample.SampledChunk` it uses), for
+    episodes: the verdicts are already known (a done future)."""
+
+    problems: range
+    completions: list[list[int]]
+    masks: list[list[int]]
+    tasks: list[ProofTask]
+    texts: list[str]
+    finish: list[str]
+    verdicts: concurrent.futures.Future
+    generate_s: float
+
+
+def _episode_chunks(problems, prompts, *, model, tokenizer, fmt, verifier, setup, n, temperature, top_p, top_k, seed,
+                    chunk_problems):
+    """Episodes of `chunk_problems` problems at a time (0 = all), each chunk with its own seed."""
+    from fd_jax.rollout.rollout import sample_episodes
+
+    size = chunk_problems or len(problems)
+    for c, start in enumerate(range(0, len(problems), size)):
+        span = range(start, min(start + size, len(problems)))
+        t0 = time.perf_counter()
+        s = sample_episodes(problems[span.start:span.stop], prompts[span.start:span.stop], model=model,
+                            tokenizer=tokenizer, fmt=fmt, verifier=verifier, setup=setup, n=n, temperature=temperature,
+                            top_p=top_p, top_k=top_k, seed=seed + 1000003 * c)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(s.verdicts)
+        yield _EpisodeChunk(span, s.completions, s.masks, s.tasks, s.texts, s.finish, done,
+                            time.perf_counter() - t0)
 
 
 def summarize(

@@ -36,7 +36,8 @@ from fd_jax.verification import REJECTED, VALID, ProofTask, Verdict, Verifier
 from fd_jax.rl.batch import TrainBatch, pack_train_batch
 from fd_jax.rl.diagnostics import probe_batch
 
-__all__ = ["EpisodeSetup", "RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout"]
+__all__ = ["EpisodeSetup", "RolloutConfig", "RolloutResult", "TrainBatch", "group_advantages", "run_rollout",
+           "sample_episodes"]
 
 
 @dataclasses.dataclass
@@ -183,13 +184,37 @@ def _episodes_and_check(
     setup: EpisodeSetup,
     seed: int,
 ) -> _Samples:
-    """Episodes for every row (G per problem), then their final answers verified and, for failures,
-    feedback on the whole trajectory."""
+    """`sample_episodes` with the rollout's sampling settings."""
+    return sample_episodes(problems, student_prompts, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier,
+                           provider=provider, setup=setup, n=config.num_generations, temperature=config.temperature,
+                           top_p=config.top_p, top_k=config.top_k, seed=seed)
+
+
+def sample_episodes(
+    problems: Sequence[Problem],
+    student_prompts: list[list[int]],
+    *,
+    model: Any,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    verifier: Verifier,
+    setup: EpisodeSetup,
+    n: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    provider: FeedbackProvider | None = None,
+) -> _Samples:
+    """Episodes for every row (n per problem, rows b = p * n + i), then their final answers verified and,
+    for failures, feedback on the whole trajectory (when a provider is given). The training rollout and
+    the periodic evaluation of an episodic task both sample through here. Returns per row the transcript
+    tokens (`completions`), model-token `masks`, log-probs, texts, ProofTasks and verdicts."""
     from fd_jax.rollout.episodes import END_ANSWER, END_SUBMIT, run_episodes
     from fd_jax.tasks.tool_formats import JsonTagFormat
     from fd_jax.tasks.tools import ToolBox, ToolContext, ToolEnvironment
 
-    G, ec = config.num_generations, setup.config
+    G, ec = n, setup.config
     B = len(problems) * G
     tool_format = getattr(fmt, "tool_format", None) or JsonTagFormat()  # the task resolved episode.tool_format
     # A native format renders each result through the chat template after the row's messages so far.
@@ -205,8 +230,7 @@ def _episodes_and_check(
             model, student_prompts, env, decode=decode, encode=encode,
             n=G, max_turns=ec.max_turns, max_turn_tokens=ec.max_turn_tokens, max_obs_tokens=ec.max_obs_tokens,
             max_episode_tokens=ec.max_episode_tokens, stop_token_ids=tool_format.stop_token_ids(tokenizer),
-            stop_strings=list(tool_format.stop_strings), temperature=config.temperature, top_p=config.top_p,
-            top_k=config.top_k, seed=seed,
+            stop_strings=list(tool_format.stop_strings), temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             forced=None if setup.script is None else [setup.script(problems[b // G], b % G) for b in range(B)])
     finally:
         box.close()

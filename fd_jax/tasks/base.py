@@ -46,10 +46,6 @@ class Task:
         if d.prompt_format not in self.prompt_formats:
             raise fail("data.prompt_format", d.prompt_format,
                        f"data.task={self.name} needs {' | '.join(self.prompt_formats)}")
-        if self.episodic and (cfg.eval.every_steps or cfg.eval.at_end):
-            raise fail("eval.every_steps", cfg.eval.every_steps, "periodic evaluation runs single-turn "
-                       "generation, not episodes; set eval.every_steps=0 and eval.at_end=False for "
-                       f"data.task={self.name}")
         if cfg.algorithm == "sft" and not self.supervised:
             raise fail("algorithm", "sft", f"data.task={self.name} has no supervised targets")
 

@@ -475,7 +475,8 @@ def _evaluate(run: _Run, stage: Stage, params, step: int) -> dict[str, float]:
         problems, model=nnx.merge(run.graphdef, params), tokenizer=run.policy.tokenizer, fmt=run.fmt,
         verifier=run.verifier, n=e.n, ks=tuple(e.ks), max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         seed=e.seed, entropy=jax.process_count() == 1,  # the entropy pass is per host, not a global program
-        lemmas=get_task(run.cfg.data.task).count_lemmas, generate_fn=run.generate_fn, progress=False)
+        lemmas=get_task(run.cfg.data.task).count_lemmas, generate_fn=run.generate_fn, progress=False,
+        episodes=run.episodes)  # an episodic task's evaluation runs episodes, as its rollouts do
     sums = {f"pass@{k}": v * len(problems) for k, v in report["pass_at_k"].items()}
     sums.update(problems=len(problems), solved=report["solved"])
     combined = multihost.reduce_scalars(sums, {})

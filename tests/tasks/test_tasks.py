@@ -78,11 +78,10 @@ def test_task_checks_name_the_field(tmp_path, task, changes, message):
         get_task(task).check(cfg)
 
 
-def test_only_the_tool_task_is_episodic_and_it_refuses_single_turn_evaluation():
+def test_only_the_tool_tasks_are_episodic_and_they_take_periodic_evaluation():
     assert [name for name, task in TASKS.items() if task.episodic] == ["arithmetic_tools", "lean_agentic"]
     task = get_task("arithmetic_tools")
     assert set(task.make_tools(base_config(), None)) == {"calculator", "submit"}
     cfg = base_config()
     cfg.data.task, cfg.eval.every_steps = "arithmetic_tools", 5
-    with pytest.raises(ConfigError, match=r"config.eval.every_steps = 5: periodic evaluation runs single-turn"):
-        task.check(cfg)
+    task.check(cfg)  # evaluation runs episodes (tests/train/test_episode_trainer.py)

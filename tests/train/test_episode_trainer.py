@@ -4,6 +4,7 @@ an uninterrupted one (tool timings aside, which are wall-clock)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -25,7 +26,9 @@ def args(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache_episodes")
     return ["--config", os.path.join(REPO, "configs", "arithmetic_tools_cpu.py"), f"--config.compilation_cache_dir={cache}",
             "--config.log.progress=false", "--config.total_steps=4", "--config.checkpoint.every_steps=2",
-            "--config.episode.max_turn_tokens=24", "--config.episode.max_episode_tokens=80"]
+            "--config.episode.max_turn_tokens=24", "--config.episode.max_episode_tokens=80",
+            # periodic evaluation runs episodes too: pass@k of the final answers every 2 steps
+            "--config.eval.every_steps=2", "--config.eval.num_problems=3", "--config.eval.n=2", "--config.eval.ks=(1, 2)"]
 
 
 def test_episodic_training_logs_episodes_and_resumes_exactly(args, tmp_path):
@@ -35,6 +38,12 @@ def test_episodic_training_logs_episodes_and_resumes_exactly(args, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for m in metrics:
         assert m["episode/turns_mean"] >= 1 and "time/tool_s" in m and m["loss"] == m["loss"]  # not NaN
+    evaluated = [m for m in metrics if "eval/pass@1" in m]
+    assert [m["step"] for m in evaluated] == [2, 4]
+    for m in evaluated:
+        assert 0.0 <= m["eval/pass@1"] <= m["eval/pass@2"] <= 1.0 and m["eval/entropy"] > 0
+    report = json.loads((reference / "eval" / "step_2" / "report.json").read_text())
+    assert report["num_problems"] == 3 and report["n"] == 2 and sum(report["statuses"].values()) == 6
     rollouts = read_jsonl(reference / "rollouts.jsonl")
     assert len(rollouts) == 4 * 4 * 4
     for r in rollouts:

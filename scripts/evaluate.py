@@ -142,8 +142,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if run is None:
             raise UsageError("--task is required with --model: lean or arithmetic")
         args.task = run.data.task
+    same_task = run is not None and run.data.task == args.task
+    # a task with tools: the run's episode budgets and tool format (the defaults of config.episode otherwise)
+    args.run_episode = dict(run.episode) if same_task and "episode" in run else None
     if args.max_new_tokens is None:
-        same_task = run is not None and run.data.task == args.task
         args.max_new_tokens = run.eval.max_new_tokens if same_task else get_task(args.task).default_max_new_tokens
     if get_task(args.task).reads_problem_file and not args.problems:
         raise UsageError(f"--problems FILE is required with --task {args.task} (e.g. a miniF2F JSONL)")
@@ -201,6 +203,9 @@ def task_config(args: argparse.Namespace):
     for path, value in values.items():
         section, field = path.split(".")
         cfg[section][field] = value
+    for field, value in (getattr(args, "run_episode", None) or {}).items():
+        if field in cfg.episode:
+            cfg.episode[field] = value
     return cfg
 
 
@@ -211,7 +216,8 @@ def _as_flag(error: Exception) -> UsageError:
 
 
 def load_task(args: argparse.Namespace, tokenizer: Any):
-    """(problems, prompt format, verifier, count lemmas?) for --task."""
+    """(problems, prompt format, verifier, count lemmas?, episodes) for --task; episodes: a task with tools'
+    `EpisodeSetup` (the default budgets of config.episode), None otherwise."""
     from fd_jax.config.errors import ConfigError
     from fd_jax.tasks import get_task
 
@@ -225,7 +231,10 @@ def load_task(args: argparse.Namespace, tokenizer: Any):
         fmt = task.prompt_format(cfg, tokenizer)
     except ConfigError as e:
         raise _as_flag(e) from None
-    return problems, fmt, task.verifier(cfg), task.count_lemmas
+    verifier = task.verifier(cfg)
+    from fd_jax.train.components import build_episodes
+
+    return problems, fmt, verifier, task.count_lemmas, build_episodes(cfg, verifier)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -250,7 +259,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     from fd_jax.tasks import get_task
 
     model, tokenizer, model_name = load_policy(args)
-    problems, fmt, verifier, lemmas = load_task(args, tokenizer)
+    problems, fmt, verifier, lemmas, episodes = load_task(args, tokenizer)
     with verifier:
         report = evaluation.evaluate(
             problems, model=model, tokenizer=tokenizer, fmt=fmt, verifier=verifier, n=args.n, ks=args.k,
@@ -258,7 +267,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             top_k=args.top_k, seed=args.seed, stop_strings=[s for s in args.stop.split(",") if s],
             batch_problems=args.batch_problems, entropy=not args.no_entropy,
             entropy_batch_rows=args.entropy_batch_rows, lemmas=lemmas, keep_samples=True,
-            progress=args.progress,
+            progress=args.progress, episodes=episodes,  # a task with tools: episodes, as in training
         )  # fmt: skip
     report["model"] = args.model or args.checkpoint
     report["task"] = args.task

@@ -255,6 +255,8 @@ def evaluate(
                        finish_reasons=finish, token_entropy=token_entropy if entropy else None, lemmas=lemmas)
     report["sampling"] = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                               seed=seed, batch_problems=batch_problems, stop_strings=list(stop_strings))
+    if episodes is not None:
+        report["episodes"] = dataclasses.asdict(episodes.config)  # the budgets and tool format of the episodes
     report["timings"] = dict(generate_s=generate_s, entropy_s=entropy_s, verify_wait_s=verify_wait_s,
                              total_s=time.perf_counter() - start)
     if keep_samples:

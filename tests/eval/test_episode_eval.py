@@ -55,3 +55,29 @@ def test_episodic_evaluation_scores_the_final_answers():
     # the entropy counts the model's tokens only: the three samples' scripted turns, never tool output
     model_tokens = sum(sum(len(t) for t in script(p, i)) for p in problems for i in range(3))
     assert report["entropy_tokens"] == model_tokens and np.isfinite(report["entropy"])
+
+
+def test_evaluate_script_runs_episodes_for_a_task_with_tools(tmp_path):
+    """scripts/evaluate.py --task arithmetic_tools: the samples are episodes (the report names their
+    budgets), and every verdict agrees with the checker on the final answer."""
+    import importlib.util
+    import pathlib
+
+    from fd_jax.models import init_model, save_hf
+    from fd_jax.tasks.arithmetic import check_answer
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("evaluate_script", root / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny = ModelConfig(family="qwen3", vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+    model_dir = save_hf(init_model(tiny, seed=0), tiny, tmp_path / "tiny", tokenizer=TOK)
+    report = script.main(["--model", str(model_dir), "--task", "arithmetic_tools", "--num_problems", "2", "--n", "2",
+                          "--k", "1,2", "--out", str(tmp_path / "eval"), "--no_entropy"])
+    assert report["episodes"]["max_turns"] == EpisodeConfig().max_turns and report["episodes"]["tool_format"] == "auto"
+    statements = {p.id: p.statement for p in make_problems(2, seed=script.build_parser().get_default("problem_seed"))}
+    assert len(report["samples"]) == 4
+    for s in report["samples"]:
+        if s["status"] != "rejected":  # rejected: the episode ended without an answer, never checked
+            assert check_answer(statements[s["problem_id"]], s["code"]).status == s["status"]

@@ -6,8 +6,10 @@ feedback LLM reads the whole trajectory; FD and GRPO train on the prover's own t
     python scripts/train_tpu.py --config configs/agentic_kimina_minif2f_tpu.py --workdir /mnt/runs/kimina_agent
 
 Set up Lean with scripts/setup_lean.sh; the Mathlib sources are taken from the Lean project (lean.cwd,
-`.lake/packages/mathlib`) unless episode.mathlib_dir names them. Periodic evaluation is single-turn and
-is off here; evaluate the exported policy with scripts/evaluate.py.
+`.lake/packages/mathlib`) unless episode.mathlib_dir names them. Tool calls take the model family's native format when its chat
+template supports tools (episode.tool_format=auto: Qwen3-style templates give `hermes`), else `json_tag`.
+Periodic evaluation runs episodes too (eval.every_steps); it is off here because an episode of miniF2F costs
+as much as a rollout: evaluate the exported policy with scripts/evaluate.py --checkpoint DIR.
 """
 
 from fd_jax.config.defaults import lean_prover_config
@@ -34,8 +36,9 @@ def get_config():
     config.episode.mathlib_dir = ""  # '' = <lean.cwd>/.lake/packages/mathlib
     config.episode.search_matches = 20  # mathlib_search: matches shown
     config.episode.read_lines = 80  # read_mathlib: lines per call
+    config.episode.tool_format = "auto"  # the chat template's native tool calls if it has them, else json_tag
 
     config.mesh.fsdp = -1  # every chip shards weights, optimizer state and rows
-    config.eval.every_steps = 0  # single-turn evaluation does not apply to episodes
-    config.eval.at_end = False  # (use scripts/evaluate.py on DIR/hf_final)
+    config.eval.every_steps = 0  # evaluation runs episodes (as costly as rollouts): off during training
+    config.eval.at_end = False  # (use scripts/evaluate.py --checkpoint DIR)
     return config

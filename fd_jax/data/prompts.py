@@ -134,7 +134,8 @@ class LeanChatFormat:
         return _lean_demonstration(task)
 
 
-def chat_messages(user: str, *, system: str | None = None, turns: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+def chat_messages(user: str, *, system: str | None = None,
+                  turns: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
     """[system], (user, assistant) per exchange of `turns`, then `user`: the messages of a chat prompt."""
     messages = [{"role": "system", "content": system}] if system else []
     for asked, answered in turns:

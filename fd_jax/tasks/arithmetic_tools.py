@@ -20,7 +20,8 @@ TOOLS_TEMPLATE = (
     "and read its result. End with 'Answer: ' and the integer.\n"
 )
 # With the model family's native tool format the chat template shows the calculator's schema.
-NATIVE_TOOLS_TEMPLATE = "{context}{statement}\nUse the calculator tool where it helps. End with 'Answer: ' and the integer.\n"
+NATIVE_TOOLS_TEMPLATE = ("{context}{statement}\nUse the calculator tool where it helps. "
+                         "End with 'Answer: ' and the integer.\n")
 
 
 class ArithmeticToolsTask(ArithmeticTask):

@@ -26,7 +26,6 @@ import ast
 import concurrent.futures
 import dataclasses
 import fractions
-import json
 import operator
 import os
 import pathlib
@@ -38,7 +37,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fd_jax.rollout.episodes import Reaction
-from fd_jax.tasks.tool_formats import JSON_TAG, RESULT_TEMPLATE, JsonTagFormat, ToolFormat
+from fd_jax.tasks.tool_formats import JSON_TAG, JsonTagFormat, ToolFormat
+from fd_jax.tasks.tool_formats import RESULT_TEMPLATE  # noqa: F401 - the json_tag result, re-exported
 from fd_jax.verification import ProofTask, Verifier
 
 SUBMIT = "submit"
@@ -388,9 +388,12 @@ class ToolEnvironment:
 # JSON schemas of the tools (OpenAI function style), the `tools=` a native format's chat template renders.
 _STRING = {"type": "string"}
 _INTEGER = {"type": "integer"}
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "calculator": ("Exact arithmetic on integers: + - * / // % ** and parentheses.", {"expression": _STRING}, ["expression"]),
-    "lean_check": ("Compile a complete Lean 4 file (statement included) and return Lean's messages.", {"code": _STRING}, ["code"]),
+# name -> (description, properties, required)
+SCHEMAS: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+    "calculator": ("Exact arithmetic on integers: + - * / // % ** and parentheses.", {"expression": _STRING},
+                   ["expression"]),
+    "lean_check": ("Compile a complete Lean 4 file (statement included) and return Lean's messages.",
+                   {"code": _STRING}, ["code"]),
     "mathlib_search": ("Search the Mathlib sources with a regular expression; matches as file:line: text.",
                        {"pattern": _STRING}, ["pattern"]),
     "read_mathlib": ("Read lines start_line..end_line of a Mathlib file.",

@@ -103,7 +103,8 @@ HERMES_CASES = {
     '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}</tool_call>':
         "error: one call per turn",
     '<tool_call>{"name": "calculator", "arguments": {}}': "error: the call is not closed",
-    'like this:\n```\n<tool_call>{"name": "calculator", "arguments": {}}</tool_call>\n```': "error: the call is inside a code block",
+    'like this:\n```\n<tool_call>{"name": "calculator", "arguments": {}}</tool_call>\n```':
+        "error: the call is inside a code block",
 }
 LLAMA_CASES = {
     "Answer: 42": None,

@@ -46,6 +46,11 @@ class Task:
         if d.prompt_format not in self.prompt_formats:
             raise fail("data.prompt_format", d.prompt_format,
                        f"data.task={self.name} needs {' | '.join(self.prompt_formats)}")
+        tool_format = cfg.episode.tool_format if "episode" in cfg else "auto"
+        if self.episodic and tool_format not in ("auto", "json_tag") and not d.prompt_format.endswith("_chat"):
+            raise fail("episode.tool_format", tool_format, "a native tool format renders calls and results with the "
+                       f"chat template; data.prompt_format = {d.prompt_format!r} is completion style (use a _chat "
+                       "format, or json_tag / auto)")
         if cfg.algorithm == "sft" and not self.supervised:
             raise fail("algorithm", "sft", f"data.task={self.name} has no supervised targets")
 

@@ -168,6 +168,9 @@ def test_the_task_resolves_the_format_and_refuses_one_it_cannot_use():
     cfg.data.prompt_format = "arithmetic"
     with pytest.raises(ConfigError, match=r"config.episode.tool_format = 'llama3_json': .*chat prompt format"):
         task.prompt_format(cfg, tokenizer(LLAMA_TOOLS))
+    with pytest.raises(ConfigError, match=r"config.episode.tool_format = 'llama3_json': .*completion style"):
+        task.check(cfg)  # refused by the config check too, before any tokenizer is loaded
+    task.check(_cfg("hermes"))
 
 
 # per template: the model's turns (the end-of-turn token is added), and what the template writes after the

@@ -105,6 +105,7 @@ class LeanChatFormat:
     system: str | None = None  # an optional system turn
     include_informal: bool = True
     add_special_tokens: bool = False  # the chat template writes its own BOS, if any
+    default_placement: str = "user"  # context_placement=auto: not measured on Lean yet, so the original slot
 
     def messages(self, problem: Problem, context: str = "") -> ChatMessages:
         informal = problem.informal if self.include_informal else ""

@@ -154,4 +154,7 @@ def preflight(
         problem_R.append(p)
     t, s = score_rows(model, students, teachers, targets, step_cfg=step_cfg, pad_id=batch_pad_id(tokenizer),
                       pad_multiple=config.pad_multiple)
-    return PreflightReport(t - s, np.array(problem_R, np.int64), t, s, config.context_placement)
+    from fd_jax.data.reprompt import resolve_placement
+
+    return PreflightReport(t - s, np.array(problem_R, np.int64), t, s,
+                           resolve_placement(fmt, config.context_placement))

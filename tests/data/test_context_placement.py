@@ -95,7 +95,7 @@ def test_turns_placement_adds_a_worked_example_and_a_retry_exchange(style):
                                     ("user", "Compute 3 + 9.")])
 
 
-@pytest.mark.parametrize("placement", ["user", "system", "turns"])
+@pytest.mark.parametrize("placement", ["auto", "user", "system", "turns"])
 def test_no_context_renders_the_student_prompt(placement):
     fmt = arith(QWEN_STYLE)
     assert render_teacher_prompt(fmt, PROBLEM, feedback=None, solution=None, placement=placement) == fmt.render(PROBLEM)

@@ -7,8 +7,12 @@ the mechanism at toy scale, not of the paper's.
     python scripts/preflight.py --config configs/tiny_arith_sft_cpu.py --config.algorithm=fd \
         --config.model.source=hf --config.model.path=runs/tiny_sft/hf_final
     python scripts/train_tpu.py --config configs/tiny_arith_sft_cpu.py --workdir runs/tiny_fd \
-        --config.algorithm=fd --config.total_steps=20 --config.model.source=hf \
-        --config.model.path=runs/tiny_sft/hf_final --config.optim.learning_rate=1e-4
+        --config.algorithm=fd --config.total_steps=30 --config.model.source=hf \
+        --config.model.path=runs/tiny_sft/hf_final --config.model.tokenizer= --config.optim.learning_rate=3e-4
+
+FD from the SFT export: learning rate 3e-4 with the default EMA teacher (step.teacher=ema, ema_tau=0.05),
+chosen by the sweep in docs/demo/README.md (1e-3 lowered the training reward, a live teacher collapsed below
+the no-update control); this file's own 3e-3 is the supervised stage's, from scratch.
 """
 
 from fd_jax.config.defaults import base_config

@@ -1,20 +1,27 @@
 """FD vs GRPO vs FD→GRPO vs a no-update control on the same number of samples, over several seeds.
 
     python scripts/demo_fd_vs_grpo.py --out runs/demo      # SmolLM2-135M-Instruct, arithmetic, CPU
+    python scripts/demo_fd_vs_grpo.py --out runs/demo_tiny --config configs/tiny_arith_sft_cpu.py --sft ...
+
+With `--sft`, the config's supervised stage (algorithm=sft, its own steps and learning rate, `--sft_set`
+overrides) first trains OUT/sft with the same held-out problems excluded, and every run starts from
+OUT/sft/hf_final (skipped when that export exists).
 
 Trains each algorithm with scripts/train_tpu.py (configs/smollm2_arith_cpu.py by default) into
-OUT/ALGO/seed_S for every seed S (sampler seed and data order), with identical sizes (steps, problems per
-step, generations per problem, completion budget, learning rate), so every run draws the same number of
-samples. `control` is a run whose learning rate is 0: the starting policy sampled the same way, the floor
+OUT/ALGO/seed_S for every seed S (sampler seed, data order, evaluation seed), with identical sizes (steps,
+problems per step, generations per problem, completion budget, learning rate), so every run draws the same
+number of samples. `control` is a run whose learning rate is 0: the starting policy sampled the same way, the floor
 every method must beat. Training problems never include a held-out question (`data.exclude_eval_problems`).
-The untrained model is evaluated on the same held-out problems with the same sampling settings and seed
-as the runs' final evaluations (OUT/base, "step 0"); then it writes
+The untrained model is evaluated on the same held-out problems with the same sampling settings as the runs'
+final evaluations (OUT/base, "step 0"; the config's evaluation seed); then it writes
 
     OUT/demo.png       reward, policy entropy and KL(student, teacher) per step (mean over seeds), and
                        pass@k against k with 95% bootstrap intervals (over seeds and held-out problems)
     OUT/pass_at_k.png  pass@k of the base model and of each final policy, seeds pooled
     OUT/summary.json   the settings and, per run and seed, the curves' summaries and the final evaluation,
-                       and per run the seed-pooled pass@k with its interval
+                       per run the seed-pooled pass@k with its interval, and per run against the control
+                       and FD→GRPO against GRPO the paired difference of pass@k with its interval
+    OUT/table.md       per run and seed, and their mean: reward, entropy, pass@k (intervals on the means)
 
 Running it again resumes an interrupted run and redraws the figures from what the runs left.
 `--set FIELD=VALUE` overrides any config field in every run (e.g. `--set optim.learning_rate=2e-5`).
@@ -42,6 +49,9 @@ LABELS = {"fd": "FD", "grpo": "GRPO", "fd_then_grpo": "FD→GRPO", "control": "n
 # How each run is made from the shared config: the algorithm, plus its own overrides.
 RUNS = {"fd": {"algorithm": "fd"}, "grpo": {"algorithm": "grpo"}, "fd_then_grpo": {"algorithm": "fd_then_grpo"},
         "control": {"algorithm": "grpo", "optim.learning_rate": "0.0"}}
+# The claims' comparisons (a - b): each method against the control, FD against GRPO, FD→GRPO against GRPO.
+COMPARISONS = (("fd", "control"), ("grpo", "control"), ("fd_then_grpo", "control"), ("fd", "grpo"),
+               ("fd_then_grpo", "grpo"))
 BOOTSTRAP = 2000  # resamples of the pass@k intervals
 SMOOTH = 5  # steps in the moving average drawn over the (noisy) per-step curves
 
@@ -53,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "smollm2_arith_cpu.py"))
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help="comma-separated subset of fd,grpo,fd_then_grpo,control")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: sampler seed and data order of each run")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="comma-separated seeds: sampler seed, data order and evaluation seed of each run")
     p.add_argument("--steps", type=int, default=24, help="training steps of every run")
     p.add_argument("--fd_steps", type=int, default=12, help="fd_then_grpo: steps of the FD stage")
     p.add_argument("--problems_per_step", type=int, default=4)
@@ -65,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other config override, applied to every run (repeatable)")
     p.add_argument("--no_base", action="store_true", help="skip the evaluation of the untrained model")
+    p.add_argument("--sft", action="store_true",
+                   help="first train OUT/sft with the config's supervised stage; every run starts from its export")
+    p.add_argument("--sft_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override of the supervised stage only (repeatable)")
     p.add_argument("--plot_only", action="store_true", help="only redraw demo.png and summary.json")
     return p
 
@@ -116,6 +131,22 @@ def run(command: Sequence[str], log_path: pathlib.Path) -> int:
     print(shlex.join(command), flush=True)
     with log_path.open("a", encoding="utf-8") as log:
         return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+
+
+def run_sft(args: argparse.Namespace, out: pathlib.Path, fields: Mapping[str, str]) -> int:
+    """The config's supervised stage into OUT/sft: its own steps, learning rate and batch, the runs' held-out
+    problems excluded (so the runs' evaluation stays on questions never trained on), then `--sft_set`."""
+    shared = ("eval.num_problems", "eval.n", "eval.ks", "eval.max_new_tokens", "data.exclude_eval_problems",
+              "compilation_cache_dir")
+    sft_fields = {"algorithm": "sft", **{k: fields[k] for k in shared}}
+    for item in args.sft_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--sft_set {item!r}: expected FIELD=VALUE, e.g. total_steps=300")
+        sft_fields[key.removeprefix("config.")] = value
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train_tpu.py"), "--config", args.config,
+               "--workdir", str(out / "sft"), *(f"--config.{k}={v}" for k, v in sft_fields.items())]
+    return run(command, out / "sft.log")
 
 
 def evaluate_base(cfg, out: pathlib.Path) -> int:
@@ -198,22 +229,56 @@ def pooled_pass_at_k(reports: Sequence[Mapping[str, Any]], ks: Sequence[int], *,
     bootstrap interval that resamples seeds, then problems within each seed (both vary between repeats)."""
     import numpy as np
 
-    from fd_jax.eval.evaluation import pass_at_k
-
     if not reports:
         return {}
-    n = int(reports[0]["n"])
-    table = np.array([[[pass_at_k(n, int(p["correct"]), k) for k in ks] for p in r["problems"]] for r in reports])
+    table = np.array([_pass_table(r, ks) for r in reports])  # [S, P, K]
+    lo, hi = np.percentile(_bootstrap_means(table, seed), [2.5, 97.5], axis=0)
+    mean = table.mean(axis=(0, 1))
+    return {str(k): {"mean": float(mean[j]), "lo": float(lo[j]), "hi": float(hi[j])} for j, k in enumerate(ks)}
+
+
+def _pass_table(report: Mapping[str, Any], ks: Sequence[int]):
+    """[P, K] pass@k of each held-out problem of one evaluation report (unbiased estimator, its n)."""
+    import numpy as np
+
+    from fd_jax.eval.evaluation import pass_at_k
+
+    n = int(report["n"])
+    return np.array([[pass_at_k(n, int(p["correct"]), k) for k in ks] for p in report["problems"]])
+
+
+def paired_difference(reports_a: Sequence[Mapping[str, Any]], reports_b: Sequence[Mapping[str, Any]],
+                      ks: Sequence[int], *, seed: int = 0) -> dict[str, dict[str, float]]:
+    """k -> {mean, lo, hi, p_le_0}: pass@k of a minus pass@k of b, the runs paired by seed and the problems by
+    index (the same held-out problems in both), with a 95% percentile bootstrap interval that resamples the
+    same seeds and problems in both; p_le_0 is the share of resamples where the difference is <= 0 (a
+    one-sided bootstrap p-value for "a beats b"). Pairing removes the problems' own difficulty from the
+    spread, so it is tighter than comparing the two pooled intervals."""
+    import numpy as np
+
+    pairs = list(zip(reports_a, reports_b))
+    if not pairs:
+        return {}
+    diff = np.array([_pass_table(a, ks) - _pass_table(b, ks) for a, b in pairs])  # [S, P, K]
+    draws = _bootstrap_means(diff, seed)
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    mean = diff.mean(axis=(0, 1))
+    return {str(k): {"mean": float(mean[j]), "lo": float(lo[j]), "hi": float(hi[j]),
+                     "p_le_0": float((draws[:, j] <= 0).mean())} for j, k in enumerate(ks)}
+
+
+def _bootstrap_means(table_SPK, seed: int):
+    """[BOOTSTRAP, K] means of `table_SPK` over resampled seeds, then problems within each drawn seed."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
-    S, P = table.shape[:2]
-    draws = np.empty((BOOTSTRAP, len(ks)))
+    S, P = table_SPK.shape[:2]
+    draws = np.empty((BOOTSTRAP, table_SPK.shape[2]))
     for i in range(BOOTSTRAP):
         seeds = rng.integers(0, S, S)
         problems = rng.integers(0, P, (S, P))
-        draws[i] = table[seeds[:, None], problems].mean(axis=(0, 1))
-    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
-    mean = table.mean(axis=(0, 1))
-    return {str(k): {"mean": float(mean[j]), "lo": float(lo[j]), "hi": float(hi[j])} for j, k in enumerate(ks)}
+        draws[i] = table_SPK[seeds[:, None], problems].mean(axis=(0, 1))
+    return draws
 
 
 def mean_curves(per_seed: Sequence[list[dict]]) -> list[dict]:
@@ -306,6 +371,53 @@ def plot_demo(curves: Mapping[str, list[dict]], reports: Mapping[str, Mapping], 
     return path
 
 
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(summary: Mapping[str, Any], ks: Sequence[int]) -> str:
+    """Per run and seed, then the mean over seeds (pass@k with its 95% interval), then the paired
+    differences: the demo's table as Markdown."""
+    head = ["run", "seed", "reward first → last quarter", "entropy first 3 → last 3 steps", "eval entropy",
+            *(f"pass@{k}" for k in ks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for algorithm, per_seed in summary["runs"].items():
+        for seed, r in per_seed.items():
+            final = r.get("final_eval") or {}
+            pk = final.get("pass_at_k") or {}
+            lines.append("| " + " | ".join([
+                LABELS.get(algorithm, algorithm), seed,
+                f"{_fmt(r['reward_first_quarter'])} → {_fmt(r['reward_last_quarter'])}",
+                f"{_fmt(r['entropy_first_3'])} → {_fmt(r['entropy_last_3'])}", _fmt(final.get("entropy")),
+                *(_fmt(pk.get(str(k))) for k in ks)]) + " |")
+        pooled = summary["pooled"][algorithm]
+        first = _mean([r["reward_first_quarter"] for r in per_seed.values()])
+        entropy_first = _mean([r["entropy_first_3"] for r in per_seed.values()])
+        cells = [f"**{_fmt(v['mean'])}** [{_fmt(v['lo'], 2)}, {_fmt(v['hi'], 2)}]"
+                 for v in (pooled["pass_at_k"].get(str(k)) for k in ks) if v is not None]
+        lines.append("| " + " | ".join([
+            f"**{LABELS.get(algorithm, algorithm)}**", "mean",
+            f"{_fmt(first)} → {_fmt(pooled['reward_last_quarter'])}",
+            f"{_fmt(entropy_first)} → {_fmt(pooled['entropy_last_3'])}", _fmt(pooled["eval_entropy"]),
+            *cells]) + " |")
+    lines += ["", "Paired differences of pass@k (same seeds, same held-out problems), 95% bootstrap interval, "
+              "and the share of resamples where the difference is <= 0:", "",
+              "| a − b | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|" + " --- |" * (len(ks) + 1)]
+    for name, diff in summary.get("paired_differences", {}).items():
+        a, _, b = name.partition(" - ")
+        cells = [f"{v['mean']:+.3f} [{v['lo']:+.2f}, {v['hi']:+.2f}] p={v['p_le_0']:.2f}"
+                 for v in (diff.get(str(k)) for k in ks) if v is not None]
+        lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_fields(seed: int) -> dict[str, str]:
+    """What a seed sets in every run: the sampler, the data order and the final evaluation's sampling. The
+    arms of one seed share all three (paired comparisons); another seed redraws them all, so the spread
+    over seeds includes the evaluation's own sampling noise (the no-update control's too)."""
+    return {"seed": str(seed), "data.shuffle_seed": str(seed), "eval.seed": str(seed)}
+
+
 def run_dir(out: pathlib.Path, algorithm: str, seed: int) -> pathlib.Path:
     return out / algorithm / f"seed_{seed}"
 
@@ -333,6 +445,12 @@ def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence
             "entropy_last_3": _mean([r["entropy_last_3"] for r in per_seed]),
             "eval_entropy": _mean([r.get("entropy") for r in finals[a]]),
         }
+    comparisons = {}
+    for a, b in COMPARISONS:
+        if a in algorithms and b in algorithms:
+            paired = [(x, y) for s in seeds if (x := _report(run_dir(out, a, s), cfg.total_steps)) is not None
+                      and (y := _report(run_dir(out, b, s), cfg.total_steps)) is not None]
+            comparisons[f"{a} - {b}"] = paired_difference([x for x, _ in paired], [y for _, y in paired], ks)
     summary = {
         "config_file": config_file,
         "overrides": dict(fields),
@@ -341,10 +459,12 @@ def write_outputs(out: pathlib.Path, cfg, config_file: str, algorithms: Sequence
         "samples_per_run": per_step * cfg.total_steps,
         "base_eval": _eval_summary(base),
         "pooled": pooled,
+        "paired_differences": comparisons,
         "runs": runs,
         "exit_codes": dict(exit_codes),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "table.md").write_text(markdown_table(summary, ks), encoding="utf-8")
 
     curves = {a: mean_curves([read_jsonl(run_dir(out, a, s) / METRICS_FILE) for s in seeds
                               if (run_dir(out, a, s) / METRICS_FILE).is_file()]) for a in algorithms}
@@ -375,14 +495,21 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     fields = overrides(args)
+    exit_codes: dict[str, int] = {}
+    if args.sft:
+        export = out / "sft" / "hf_final"
+        if not args.plot_only and not (export / "config.json").is_file():
+            exit_codes["sft"] = run_sft(args, out, fields)
+            if exit_codes["sft"] != 0:
+                raise SystemExit(f"the supervised stage failed (exit {exit_codes['sft']}); see {out / 'sft.log'}")
+        fields.update({"model.source": "hf", "model.path": str(export), "model.tokenizer": ""})
     cfg = resolved_config(args.config, fields)
     cfg.algorithm = "fd_then_grpo"  # the stage layout every run shares (fd_steps < total_steps is checked here)
     from fd_jax.config.validation import validate
 
     validate(cfg)
-    exit_codes: dict[str, int] = {}
     if args.plot_only and (out / "summary.json").is_file():  # keep what the runs returned
-        exit_codes = json.loads((out / "summary.json").read_text()).get("exit_codes", {})
+        exit_codes = json.loads((out / "summary.json").read_text()).get("exit_codes", {}) | exit_codes
     if not args.plot_only:
         start = time.perf_counter()
         if not args.no_base and not (out / "base" / "report.json").is_file():
@@ -391,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             for algorithm in algorithms:
                 name, workdir = f"{algorithm}/seed_{seed}", run_dir(out, algorithm, seed)
                 workdir.parent.mkdir(parents=True, exist_ok=True)
-                run_fields = {**fields, "seed": str(seed), "data.shuffle_seed": str(seed), **RUNS[algorithm]}
+                run_fields = {**fields, **seed_fields(seed), **RUNS[algorithm]}
                 command = [sys.executable, str(REPO_ROOT / "scripts" / "train_tpu.py"), "--config", args.config,
                            "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in run_fields.items())]
                 t0 = time.perf_counter()

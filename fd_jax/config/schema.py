@@ -168,7 +168,8 @@ class RolloutConfig:
     reprompt_template: str = knob(REPROMPT_TEMPLATE, "teacher context: fields {solution} and {feedback}")
     feedback_template: str = knob(FEEDBACK_TEMPLATE, "the feedback block: field {feedback}")
     solution_template: str = knob(SOLUTION_TEMPLATE, "the demonstration block: field {solution}")
-    context_placement: str = knob("user", "where the teacher's context goes: user (in the question's turn) | "
+    context_placement: str = knob("auto", "where the teacher's context goes: auto (the format's measured default: "
+                                  "arithmetic chat turns, else user) | user (in the question's turn) | "
                                   "system (chat) | turns (chat: worked-example / retry exchanges)", choices=PLACEMENTS)
     retry_template: str = knob(RETRY_TEMPLATE, "context_placement=turns: before the retried question, field "
                                "{feedback}")

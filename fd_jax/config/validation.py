@@ -111,7 +111,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
     if d.system_prompt and not d.prompt_format.endswith("_chat"):
         raise _fail("data.system_prompt", d.system_prompt,
                     f"data.prompt_format={d.prompt_format} has no system turn; use a _chat format or ''")
-    if cfg.rollout.context_placement != "user" and not d.prompt_format.endswith("_chat"):
+    if cfg.rollout.context_placement not in ("user", "auto") and not d.prompt_format.endswith("_chat"):
         raise _fail("rollout.context_placement", cfg.rollout.context_placement,
                     f"data.prompt_format={d.prompt_format} has no chat turns; use a _chat format or 'user'")
     if cfg.feedback.provider in HTTP_PROVIDERS and not cfg.feedback.model and _uses_feedback(cfg):

@@ -112,6 +112,7 @@ class LeanChatFormat:
     add_special_tokens: bool = False  # the chat template writes its own BOS, if any
     tools: tuple[dict[str, Any], ...] = ()  # tool schemas rendered by the template (a native tool format)
     tool_format: Any = None  # the episode's `fd_jax.tasks.tool_formats` format (None: json_tag / no tools)
+    default_placement: str = "user"  # context_placement=auto: not measured on Lean yet, so the original slot
 
     def messages(self, problem: Problem, context: str = "") -> ChatMessages:
         informal = problem.informal if self.include_informal else ""

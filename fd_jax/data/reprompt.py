@@ -8,6 +8,8 @@ Where the context goes (`placement`, `PLACEMENTS`):
   turns   as chat exchanges: a solved sibling becomes one more worked example of this very problem (the
           question, then the sibling's reply), a failed attempt a retry exchange (the question, the attempt
           as the assistant's reply, then the feedback and the question again as the next user turn).
+  auto    the format's own `default_placement` (`user` for a format without it): the measured choice per
+          format (docs/demo/README.md: arithmetic chat `turns`; Lean chat `user`, not measured yet).
 `system` and `turns` keep the last user turn exactly the student's question (or a short retry of it), so the
 few-shot pattern the model answers by is not broken; they need a chat format (one with `messages`).
 """
@@ -25,7 +27,12 @@ SOLUTION_TEMPLATE = "A correct solution to this problem, for reference:\n\n{solu
 REPROMPT_TEMPLATE = "{solution}{feedback}Taking this into account, solve the problem below.\n\n"
 RETRY_TEMPLATE = "That is not right: {feedback}\n\n"  # turns: before the question in the retry turn
 TRUNCATION_MARKER = "\n[... feedback truncated]"
-PLACEMENTS = ("user", "system", "turns")
+PLACEMENTS = ("auto", "user", "system", "turns")
+
+
+def resolve_placement(fmt: PromptFormat, placement: str) -> str:
+    """`placement`, with `auto` replaced by the format's `default_placement` (`user` when it has none)."""
+    return getattr(fmt, "default_placement", "user") if placement == "auto" else placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +86,7 @@ def render_teacher_prompt(
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown context placement {placement!r}; known: {list(PLACEMENTS)}")
+    placement = resolve_placement(fmt, placement)
     if placement == "user" or (feedback is None and solution is None):
         return fmt.render(problem, teacher_context(feedback, solution, templates))
     messages = getattr(fmt, "messages", None)

@@ -13,6 +13,12 @@ The correct completion is the format's `reference_completion(problem)` when it h
 bed: "Answer: N"), else a verified-correct sibling's completion; rows with neither are not scored.
 `PreflightReport.line()` is the one-line verdict: the mean gain over scored rows and the share of problems
 whose mean gain is positive.
+
+It also reports the mean gain over the rows that have a verified-correct sibling only (`sibling_rows`):
+those are the rows the in-training diagnostic `teacher/logp_gain_correct` scores (it needs a correct
+completion from the batch itself), so at step 1 of a run (teacher = student weights) on the same batch the
+two agree. The full mean also counts rows whose only context is feedback on a failure, which on the test
+bed gain the most (docs/demo/README.md).
 """
 
 from __future__ import annotations
@@ -37,13 +43,23 @@ ROWS_PER_PASS = 16  # rows scored per forward pass (the last pass is padded to t
 @dataclasses.dataclass(frozen=True)
 class PreflightReport:
     """gains_R: per scored row, teacher − student log-prob of the correct completion (nats); problem_R: the
-    problem index of each row; teacher_logp_R / student_logp_R: the two log-probs."""
+    problem index of each row; teacher_logp_R / student_logp_R: the two log-probs; sibling_R: whether the row
+    has a verified-correct sibling (the rows `teacher/logp_gain_correct` scores; None: not recorded)."""
 
     gains_R: np.ndarray
     problem_R: np.ndarray
     teacher_logp_R: np.ndarray
     student_logp_R: np.ndarray
     placement: str
+    sibling_R: np.ndarray | None = None
+
+    @property
+    def sibling_gain(self) -> tuple[float, int]:
+        """(mean gain, rows) over the rows with a verified-correct sibling; (nan, 0) without such rows."""
+        if self.sibling_R is None or not np.any(self.sibling_R):
+            return float("nan"), 0
+        keep = np.asarray(self.sibling_R, bool)
+        return float(self.gains_R[keep].mean()), int(keep.sum())
 
     @property
     def rows(self) -> int:
@@ -75,11 +91,17 @@ class PreflightReport:
         return (f"preflight: the teacher {verdict} the student: log p(correct) with context − without = "
                 f"{self.mean_gain:+.3f} nats per completion (teacher {self.teacher_logp_R.mean():.3f}, student "
                 f"{self.student_logp_R.mean():.3f}); teacher better on {better}/{total} problems "
-                f"({better / total:.0%}); {self.rows} rows, placement={self.placement}")
+                f"({better / total:.0%}); {self.rows} rows, placement={self.placement}{self._sibling_note()}")
+
+    def _sibling_note(self) -> str:
+        gain, rows = self.sibling_gain
+        return f"; on the {rows} rows with a solved sibling {gain:+.3f}" if rows else ""
 
     def as_dict(self) -> dict[str, Any]:
         better, total = self.problems_better
+        sibling_gain, sibling_rows = self.sibling_gain
         return {"preflight/logp_gain": self.mean_gain, "preflight/problems_better": better,
+                "preflight/logp_gain_sibling_rows": sibling_gain, "preflight/sibling_rows": sibling_rows,
                 "preflight/problems": total, "preflight/rows": self.rows,
                 "preflight/teacher_logp": float(self.teacher_logp_R.mean()) if self.rows else float("nan"),
                 "preflight/student_logp": float(self.student_logp_R.mean()) if self.rows else float("nan")}
@@ -135,16 +157,16 @@ def preflight(
     G, batch = config.num_generations, result.batch
     generated = [list(batch.completion_tokens_BC[b][batch.completion_mask_BC[b] > 0])
                  for b in range(len(result.records))]
-    students, teachers, targets, problem_R = [], [], [], []
+    students, teachers, targets, problem_R, sibling_R = [], [], [], [], []
     for b, record in enumerate(result.records):
         if not record["distilled"]:
             continue
         p = b // G
         text = reference(problems[p]) if reference is not None else None
+        solved = [j for j in range(p * G, p * G + G) if j != b and result.records[j]["status"] == VALID]
         if text is not None:
             target = tokenizer.encode(text, add_special_tokens=False) + eos
         else:
-            solved = [j for j in range(p * G, p * G + G) if j != b and result.records[j]["status"] == VALID]
             if not solved:
                 continue
             target = generated[solved[0]]
@@ -152,6 +174,10 @@ def preflight(
         teachers.append(encode(record["teacher_prompt"]))
         targets.append(target)
         problem_R.append(p)
+        sibling_R.append(bool(solved))
     t, s = score_rows(model, students, teachers, targets, step_cfg=step_cfg, pad_id=batch_pad_id(tokenizer),
                       pad_multiple=config.pad_multiple)
-    return PreflightReport(t - s, np.array(problem_R, np.int64), t, s, config.context_placement)
+    from fd_jax.data.reprompt import resolve_placement
+
+    return PreflightReport(t - s, np.array(problem_R, np.int64), t, s,
+                           resolve_placement(fmt, config.context_placement), np.array(sibling_R, bool))

@@ -251,6 +251,12 @@ class ArithmeticFormat:
     def add_special_tokens(self) -> bool:
         return self.tokenizer is None
 
+    @property
+    def default_placement(self) -> str:
+        """Where `auto` puts the teacher's context: chat `turns`, measured (docs/demo/README.md) to keep the
+        few-shot answer pattern that the user-turn placement breaks; completion style `user`, its only one."""
+        return "turns" if self.tokenizer is not None else "user"
+
     def _ask(self, statement: str, context: str = "") -> str:
         chat = self.tokenizer is not None
         template = self.template or (ARITHMETIC_CHAT_TEMPLATE if chat else ARITHMETIC_TEMPLATE)

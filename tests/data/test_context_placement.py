@@ -95,7 +95,7 @@ def test_turns_placement_adds_a_worked_example_and_a_retry_exchange(style):
                                     ("user", "Compute 3 + 9.")])
 
 
-@pytest.mark.parametrize("placement", ["user", "system", "turns"])
+@pytest.mark.parametrize("placement", ["auto", "user", "system", "turns"])
 def test_no_context_renders_the_student_prompt(placement):
     fmt = arith(QWEN_STYLE)
     assert render_teacher_prompt(fmt, PROBLEM, feedback=None, solution=None, placement=placement) == fmt.render(PROBLEM)
@@ -136,3 +136,25 @@ def test_config_refuses_a_chat_placement_with_a_completion_format():
     cfg.rollout.context_placement = "middle"
     with pytest.raises(ConfigError, match=r"rollout.context_placement = 'middle': must be one of"):
         validate(cfg)
+
+
+def test_auto_placement_is_the_formats_measured_default():
+    """`auto` (the config default) renders exactly what the format's `default_placement` renders: turns for
+    the arithmetic chat format, user for its completion style and for the Lean chat format."""
+    fmt = arith(QWEN_STYLE)
+    assert fmt.default_placement == "turns" and ArithmeticFormat().default_placement == "user"
+    for feedback, solution in ((FEEDBACK, None), (None, "Compute 5 + 7.\nAnswer: 12")):
+        kw = dict(feedback=feedback, solution=solution, attempt="Answer: 13", solved_reply="Answer: 12")
+        assert (render_teacher_prompt(fmt, PROBLEM, placement="auto", **kw)
+                == render_teacher_prompt(fmt, PROBLEM, placement="turns", **kw)
+                != render_teacher_prompt(fmt, PROBLEM, placement="user", **kw))
+        assert (render_teacher_prompt(ArithmeticFormat(), PROBLEM, placement="auto", **kw)
+                == render_teacher_prompt(ArithmeticFormat(), PROBLEM, placement="user", **kw))
+    tok = build_char_tokenizer()
+    tok.chat_template = QWEN_STYLE
+    lean, problem = LeanChatFormat(tok, template="{context}Prove:\n{statement}"), Problem("t", "theorem t : 1 = 1 := by\n")
+    assert (render_teacher_prompt(lean, problem, feedback="error: x", solution=None, placement="auto")
+            == render_teacher_prompt(lean, problem, feedback="error: x", solution=None, placement="user"))
+    from fd_jax.config.defaults import base_config
+
+    assert base_config().rollout.context_placement == "auto"

@@ -80,7 +80,8 @@ def test_preflight_scores_the_reference_answer_after_each_teacher_prompt(model):
             - direct_logp(model, TOKENIZER.encode(fmt.render(problems[0])), target))
     np.testing.assert_allclose(report.gains_R[0], gain, rtol=1e-4, atol=1e-4)
     assert report.line().startswith("preflight: the teacher ")
-    assert f"{report.rows} rows, placement=user" in report.line()
+    assert report.line().endswith(f"{report.rows} rows, placement=user")  # every sample wrong: no solved sibling
+    assert not report.sibling_R.any()
 
 
 def _request(problem, code):
@@ -102,3 +103,14 @@ def test_the_verdict_needs_a_positive_mean_and_most_problems():
     assert not report([-1.0, -0.5], [0, 0]).teacher_knows_more()
     assert "does NOT know more" in report([-1.0, -0.5], [0, 0]).line()
     assert "nothing to say" in report([], []).line()
+
+
+def test_the_gain_on_rows_with_a_solved_sibling_is_their_own_mean():
+    """The number comparable with teacher/logp_gain_correct: the mean over rows with a correct sibling only."""
+    gains = np.array([1.0, -0.5, 2.0, -1.0])
+    report = PreflightReport(gains, np.array([0, 0, 1, 1]), gains - 5.0, np.full(4, -5.0), "turns",
+                             np.array([False, True, False, True]))
+    assert report.sibling_gain == (-0.75, 2)
+    assert "; on the 2 rows with a solved sibling -0.750" in report.line()
+    assert report.as_dict()["preflight/logp_gain_sibling_rows"] == -0.75
+    assert np.isnan(PreflightReport(gains, np.zeros(4), gains, gains, "user").sibling_gain[0])

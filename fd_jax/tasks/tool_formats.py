@@ -38,6 +38,31 @@ from typing import Any
 
 SENTINEL = "FDJAXTURN7f3a9c"  # stands for the model's turn when rendering what follows it
 _FENCE = "```"
+_BREAK = "\u200b"  # zero-width space: splits a control string so it is neither its token nor its text
+
+
+def neutralize(text: str, controls: Sequence[str]) -> str:
+    """`text` with every occurrence of a control string (a special token's text, a call or result tag)
+    broken by a zero-width space after its first character, so that text from a tool (or the model)
+    encodes as plain characters and cannot be read as the environment's scaffolding: a tool result that
+    echoes `<|im_end|>` or `</result>` cannot end the result or open a turn. Idempotent."""
+    controls = sorted({c for c in controls if len(c) > 1}, key=len, reverse=True)
+    if not controls:
+        return text
+    pattern = "|".join(re.escape(c) for c in controls)
+    return re.sub(pattern, lambda m: m[0][0] + _BREAK + m[0][1:], text)
+
+
+def control_strings(tool_format: Any, tokenizer: Any = None) -> list[str]:
+    """The strings only the environment may write into a transcript: the tokenizer's special and added
+    tokens (chat markers such as `<|im_end|>`, Qwen's `<tool_response>`) and the format's call and result
+    tags."""
+    out = list(getattr(tool_format, "markers", ()))
+    if tokenizer is not None:
+        out += [str(t) for t in getattr(tokenizer, "all_special_tokens", ())]
+        added = getattr(tokenizer, "get_added_vocab", None)
+        out += list(added()) if callable(added) else []
+    return sorted(set(out))
 
 
 def _fenced(text: str, index: int) -> bool:
@@ -131,6 +156,7 @@ class JsonTagFormat:
     stop_strings: tuple[str, ...] = (JSON_TAG.close,)
     native: bool = False
     calls_end_turns: bool = False  # a call ends at its closing tag, not at the end-of-turn token
+    markers: tuple[str, ...] = (JSON_TAG.open, JSON_TAG.close, "<result>", "</result>")
 
     def parse(self, text: str) -> tuple[str, dict[str, Any]] | str | None:
         return JSON_TAG.parse(text)
@@ -152,6 +178,7 @@ class NativeSpec:
     end_tokens: tuple[str, ...]
     marker: str
     tool_role: str = "tool"
+    result_tags: tuple[str, ...] = ()  # tags the template puts around a tool result (control strings)
 
 
 @dataclasses.dataclass
@@ -171,6 +198,12 @@ class ChatTemplateFormat:
 
     def parse(self, text: str) -> tuple[str, dict[str, Any]] | str | None:
         return self.spec.call.parse(text)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        call = self.spec.call
+        tags = (call.open, call.close) if isinstance(call, TaggedCall) else ()
+        return (*tags, *self.spec.result_tags, *self.end_strings())
 
     def stop_token_ids(self, tokenizer: Any = None) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -204,7 +237,8 @@ class ChatTemplateFormat:
 
 
 NATIVE: dict[str, NativeSpec] = {
-    "hermes": NativeSpec("hermes", TaggedCall("<tool_call>", "</tool_call>"), ("<|im_end|>",), "<tool_call>"),
+    "hermes": NativeSpec("hermes", TaggedCall("<tool_call>", "</tool_call>"), ("<|im_end|>",), "<tool_call>",
+                         result_tags=("<tool_response>", "</tool_response>")),
     "llama3_json": NativeSpec("llama3_json", WholeTurnJson(), ("<|eot_id|>", "<|eom_id|>"), "ipython"),
 }
 TOOL_FORMATS = ("auto", "json_tag", *NATIVE)  # the values episode.tool_format may take

@@ -38,14 +38,16 @@ from typing import Any
 
 SENTINEL = "FDJAXTURN7f3a9c"  # stands for the model's turn when rendering what follows it
 _FENCE = "```"
-_BREAK = "\u200b"  # zero-width space: splits a control string so it is neither its token nor its text
+# Splits a control string so it is neither its token nor its text. A plain space, which every tokenizer
+# encodes (a zero-width space is <unk> in a character or SentencePiece vocabulary without byte fallback).
+_BREAK = " "
 
 
 def neutralize(text: str, controls: Sequence[str]) -> str:
     """`text` with every occurrence of a control string (a special token's text, a call or result tag)
-    broken by a zero-width space after its first character, so that text from a tool (or the model)
-    encodes as plain characters and cannot be read as the environment's scaffolding: a tool result that
-    echoes `<|im_end|>` or `</result>` cannot end the result or open a turn. Idempotent."""
+    broken by a space after its first character (`<|im_end|>` -> `< |im_end|>`), so that text from a tool
+    (or the model) encodes as plain characters and cannot be read as the environment's scaffolding: a
+    tool result that echoes `<|im_end|>` or `</result>` cannot end the result or open a turn. Idempotent."""
     controls = sorted({c for c in controls if len(c) > 1}, key=len, reverse=True)
     if not controls:
         return text

@@ -253,7 +253,7 @@ def sample_episodes(
     if provider is not None and failed:
         start = time.perf_counter()
         requests = [FeedbackRequest(tasks[b].statement, tasks[b].code, feedback_messages(verdicts[b]),
-                                    trajectory=trajectory_text(out.turns[b], env.controls))
+                                    trajectory=trajectory_text(out.turns[b], env.controls, tool_format.call_tags))
                     for b in failed]
         feedback = dict(zip(failed, provider.feedback(requests)))
         feedback_s = time.perf_counter() - start
@@ -271,16 +271,16 @@ def sample_episodes(
                     masks=out.mask, episodes=episodes, counts=counts)
 
 
-def trajectory_text(turns: Sequence[Any], controls: Sequence[str]) -> str:
+def trajectory_text(turns: Sequence[Any], controls: Sequence[str], call_tags: Sequence[str] = ()) -> str:
     """An episode as the feedback provider reads it: each turn's model text, then the environment's
     observation. The model's text has the control strings (result tags, chat markers, the feedback
-    prompt's trajectory tags) broken (`neutralize`), so a `<result>status: valid</result>` the model wrote
-    itself cannot pass for a tool's result, nor a `</trajectory>` end the block; only the environment's
-    observations carry them whole."""
+    prompt's trajectory tags; not `call_tags`, its own to write) broken (`neutralize`), so a
+    `<result>status: valid</result>` the model wrote itself cannot pass for a tool's result, nor a
+    `</trajectory>` end the block; only the environment's observations carry them whole."""
     from fd_jax.feedback.base import TRAJECTORY_TAGS
     from fd_jax.tasks.tool_formats import neutralize
 
-    model_controls = [*controls, *TRAJECTORY_TAGS]
+    model_controls = [c for c in controls if c not in call_tags] + list(TRAJECTORY_TAGS)
     return "".join(neutralize(t.text, model_controls) + neutralize(t.observation or "", TRAJECTORY_TAGS)
                    for t in turns)
 

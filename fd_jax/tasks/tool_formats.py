@@ -159,6 +159,7 @@ class JsonTagFormat:
     native: bool = False
     calls_end_turns: bool = False  # a call ends at its closing tag, not at the end-of-turn token
     markers: tuple[str, ...] = (JSON_TAG.open, JSON_TAG.close, "<result>", "</result>")
+    call_tags: tuple[str, ...] = (JSON_TAG.open, JSON_TAG.close)  # the model's own to write
 
     def parse(self, text: str) -> tuple[str, dict[str, Any]] | str | None:
         return JSON_TAG.parse(text)
@@ -202,10 +203,13 @@ class ChatTemplateFormat:
         return self.spec.call.parse(text)
 
     @property
-    def markers(self) -> tuple[str, ...]:
+    def call_tags(self) -> tuple[str, ...]:
         call = self.spec.call
-        tags = (call.open, call.close) if isinstance(call, TaggedCall) else ()
-        return (*tags, *self.spec.result_tags, *self.end_strings())
+        return (call.open, call.close) if isinstance(call, TaggedCall) else ()
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return (*self.call_tags, *self.spec.result_tags, *self.end_strings())
 
     def stop_token_ids(self, tokenizer: Any = None) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -286,5 +290,6 @@ def resolve(name: str, tokenizer: Any, schemas: Sequence[dict[str, Any]], *, cha
     return ChatTemplateFormat(NATIVE[name], tokenizer, [dict(s) for s in schemas])
 
 
-ToolFormat = Any  # JsonTagFormat | ChatTemplateFormat: name, stop_strings, native, calls_end_turns, parse,
+ToolFormat = Any  # JsonTagFormat | ChatTemplateFormat: name, stop_strings, native, calls_end_turns, markers,
+# call_tags, parse,
 # stop_token_ids(tokenizer), observation(messages, result, name)

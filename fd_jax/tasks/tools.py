@@ -17,7 +17,8 @@ Tools (each `tool(arguments: dict, context: ToolContext) -> str`):
   matches as `path:line: text`.
 * `read_mathlib`: lines [start, end] of one file of that tree (at most `max_lines`); the path must stay
   inside the tree (relative, no `..`, no symlink leading out).
-* `submit`: ends the episode; its `answer` (or `code`) is what gets verified.
+* `submit`: ends the episode; its one argument, `answer` or `code` (a non-blank string), is what gets
+  verified; any other shape is an error for the model (`submission`).
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ class ToolEnvironment:
     """`fd_jax.rollout.episodes.Environment` over a ToolBox, in a tool-call format (`fd_jax.tasks.tool_formats`,
     `json_tag` by default): a turn with a call gets the tool's result as its observation; a malformed
     call gets an `error: ...` result; a `submit` call, or a turn without a call (an answer), ends the
-    episode. `final[b]`: the text to verify for row b (submit's `answer`/`code`, else the last turn's
+    episode. `final[b]`: the text to verify for row b (submit's `answer` or `code`, else the last turn's
     text); `calls[b]`: the row's calls with results and timings, for the logs.
 
     messages[b]: the row's chat so far (a native format renders each result through the chat template

@@ -72,10 +72,24 @@ def _fenced(text: str, index: int) -> bool:
     return text.count(_FENCE, 0, index) % 2 == 1
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: `{"answer": "41", "answer": "42"}` is ambiguous (json
+    keeps the last one silently), so it is refused rather than resolved by a rule the model can game."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for k, _ in pairs]
+        raise ValueError(f"duplicate key {next(k for k in seen if seen.count(k) > 1)!r}"[:100])
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _parse_object(raw: str, name_key: str, args_key: str, example: str) -> tuple[str, dict[str, Any]] | str:
-    """One JSON object with a string `name_key` and an object `args_key` (and nothing else), or an error."""
+    """One JSON object with a string `name_key` and an object `args_key` (and nothing else, no key twice at
+    any depth), or an error."""
     try:
-        call = json.loads(raw)
+        call = _DECODER.decode(raw)
     except ValueError as e:
         return f"error: the call is not JSON ({e}); write {example}"
     if not isinstance(call, dict) or not isinstance(call.get(name_key), str):
@@ -137,7 +151,7 @@ class WholeTurnJson:
                 return f"error: the call is inside a code block (quoted, not made); write {self.example}"
             return None
         try:
-            _, end = json.JSONDecoder().raw_decode(body)
+            _, end = _DECODER.raw_decode(body)
         except ValueError as e:
             return f"error: the call is not JSON ({e}); write {self.example}"
         if body[end:].strip():

@@ -252,3 +252,16 @@ def test_calculator_refuses_bombs_with_an_error(expression):
     assert result.ok is False and result.text.startswith("error: ") and "timed out" not in result.text, result.text
     assert "failed:" not in result.text  # a refusal, not a tool bug caught by the box
     assert env.final == [None]
+
+
+@pytest.mark.parametrize("call", [
+    '<tool>{"name": "submit", "arguments": {"answer": "41", "answer": "42"}}</tool>',
+    '<tool>{"name": "calculator", "arguments": {"expression": "1"}, "name": "submit"}</tool>',
+    '<tool>{"name": "submit", "arguments": {"answer": "41"}, "arguments": {"answer": "42"}}</tool>'])
+def test_a_call_with_a_key_twice_is_an_error_not_the_last_value(call):
+    """JSON keeps the last of duplicate keys silently; a submission read that way would be a guess."""
+    box = ToolBox(default_tools())
+    env = ToolEnvironment(box, [CTX])
+    reaction = env.react([0], [call], [False])[0]
+    box.close()
+    assert "duplicate key" in reaction.observation and not reaction.done and env.final == [None]

@@ -63,8 +63,13 @@ def control_strings(tool_format: Any, tokenizer: Any = None) -> list[str]:
     if tokenizer is not None:
         out += [str(t) for t in getattr(tokenizer, "all_special_tokens", ())]
         added = getattr(tokenizer, "get_added_vocab", None)
-        out += list(added()) if callable(added) else []
+        # Added tokens that are markup (`<tool_call>`, `[TOOL_RESULTS]`), not the whitespace runs or word
+        # pieces some vocabularies add, which are ordinary text.
+        out += [t for t in (added() if callable(added) else ()) if t.strip() == t and _MARKUP.search(t)]
     return sorted(set(out))
+
+
+_MARKUP = re.compile(r"[<>\[\]|]")
 
 
 def _fenced(text: str, index: int) -> bool:

@@ -37,6 +37,7 @@ why, and tactics or Mathlib lemmas worth trying. Do not write a complete proof."
 
 
 # Appended to the prompt of a multi-turn episode's request: the critique is of the whole trajectory.
+TRAJECTORY_TAGS = ("<trajectory>", "</trajectory>")  # never whole inside the block (rollout.trajectory_text)
 TRAJECTORY_BLOCK = """
 
 The attempt above was submitted at the end of this episode (the model's turns, its tool calls and the tools'

@@ -223,7 +223,8 @@ def sample_episodes(
                   workers=ec.tool_workers)
     encode = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     env = ToolEnvironment(box, [ToolContext(problems[b // G].statement, problems[b // G].id) for b in range(B)],
-                          tool_format=tool_format, messages=messages, fit=(encode, ec.max_obs_tokens))
+                          tool_format=tool_format, messages=messages, fit=(encode, ec.max_obs_tokens),
+                          tokenizer=tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     try:
         out = run_episodes(
@@ -251,7 +252,8 @@ def sample_episodes(
     feedback, feedback_s = {}, 0.0
     if provider is not None and failed:
         start = time.perf_counter()
-        requests = [FeedbackRequest(tasks[b].statement, tasks[b].code, feedback_messages(verdicts[b]), trajectory=texts[b])
+        requests = [FeedbackRequest(tasks[b].statement, tasks[b].code, feedback_messages(verdicts[b]),
+                                    trajectory=trajectory_text(out.turns[b], env.controls, tool_format.call_tags))
                     for b in failed]
         feedback = dict(zip(failed, provider.feedback(requests)))
         feedback_s = time.perf_counter() - start
@@ -267,6 +269,20 @@ def sample_episodes(
     finish = ["length" if e == "length" else "stop" for e in out.end]
     return _Samples(out.tokens, out.logprobs, texts, finish, tasks, verdicts, feedback, timings,
                     masks=out.mask, episodes=episodes, counts=counts)
+
+
+def trajectory_text(turns: Sequence[Any], controls: Sequence[str], call_tags: Sequence[str] = ()) -> str:
+    """An episode as the feedback provider reads it: each turn's model text, then the environment's
+    observation. The model's text has the control strings (result tags, chat markers, the feedback
+    prompt's trajectory tags; not `call_tags`, its own to write) broken (`neutralize`), so a
+    `<result>status: valid</result>` the model wrote itself cannot pass for a tool's result, nor a
+    `</trajectory>` end the block; only the environment's observations carry them whole."""
+    from fd_jax.feedback.base import TRAJECTORY_TAGS
+    from fd_jax.tasks.tool_formats import neutralize
+
+    model_controls = [c for c in controls if c not in call_tags] + list(TRAJECTORY_TAGS)
+    return "".join(neutralize(t.text, model_controls) + neutralize(t.observation or "", TRAJECTORY_TAGS)
+                   for t in turns)
 
 
 def _teacher_prompts(

@@ -38,6 +38,38 @@ from typing import Any
 
 SENTINEL = "FDJAXTURN7f3a9c"  # stands for the model's turn when rendering what follows it
 _FENCE = "```"
+# Splits a control string so it is neither its token nor its text. A plain space, which every tokenizer
+# encodes (a zero-width space is <unk> in a character or SentencePiece vocabulary without byte fallback).
+_BREAK = " "
+
+
+def neutralize(text: str, controls: Sequence[str]) -> str:
+    """`text` with every occurrence of a control string (a special token's text, a call or result tag)
+    broken by a space after its first character (`<|im_end|>` -> `< |im_end|>`), so that text from a tool
+    (or the model) encodes as plain characters and cannot be read as the environment's scaffolding: a
+    tool result that echoes `<|im_end|>` or `</result>` cannot end the result or open a turn. Idempotent."""
+    controls = sorted({c for c in controls if len(c) > 1}, key=len, reverse=True)
+    if not controls:
+        return text
+    pattern = "|".join(re.escape(c) for c in controls)
+    return re.sub(pattern, lambda m: m[0][0] + _BREAK + m[0][1:], text)
+
+
+def control_strings(tool_format: Any, tokenizer: Any = None) -> list[str]:
+    """The strings only the environment may write into a transcript: the tokenizer's special and added
+    tokens (chat markers such as `<|im_end|>`, Qwen's `<tool_response>`) and the format's call and result
+    tags."""
+    out = list(getattr(tool_format, "markers", ()))
+    if tokenizer is not None:
+        out += [str(t) for t in getattr(tokenizer, "all_special_tokens", ())]
+        added = getattr(tokenizer, "get_added_vocab", None)
+        # Added tokens that are markup (`<tool_call>`, `[TOOL_RESULTS]`), not the whitespace runs or word
+        # pieces some vocabularies add, which are ordinary text.
+        out += [t for t in (added() if callable(added) else ()) if t.strip() == t and _MARKUP.search(t)]
+    return sorted(set(out))
+
+
+_MARKUP = re.compile(r"[<>\[\]|]")
 
 
 def _fenced(text: str, index: int) -> bool:
@@ -45,10 +77,24 @@ def _fenced(text: str, index: int) -> bool:
     return text.count(_FENCE, 0, index) % 2 == 1
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: `{"answer": "41", "answer": "42"}` is ambiguous (json
+    keeps the last one silently), so it is refused rather than resolved by a rule the model can game."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for k, _ in pairs]
+        raise ValueError(f"duplicate key {next(k for k in seen if seen.count(k) > 1)!r}"[:100])
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _parse_object(raw: str, name_key: str, args_key: str, example: str) -> tuple[str, dict[str, Any]] | str:
-    """One JSON object with a string `name_key` and an object `args_key` (and nothing else), or an error."""
+    """One JSON object with a string `name_key` and an object `args_key` (and nothing else, no key twice at
+    any depth), or an error."""
     try:
-        call = json.loads(raw)
+        call = _DECODER.decode(raw)
     except ValueError as e:
         return f"error: the call is not JSON ({e}); write {example}"
     if not isinstance(call, dict) or not isinstance(call.get(name_key), str):
@@ -110,7 +156,7 @@ class WholeTurnJson:
                 return f"error: the call is inside a code block (quoted, not made); write {self.example}"
             return None
         try:
-            _, end = json.JSONDecoder().raw_decode(body)
+            _, end = _DECODER.raw_decode(body)
         except ValueError as e:
             return f"error: the call is not JSON ({e}); write {self.example}"
         if body[end:].strip():
@@ -131,6 +177,8 @@ class JsonTagFormat:
     stop_strings: tuple[str, ...] = (JSON_TAG.close,)
     native: bool = False
     calls_end_turns: bool = False  # a call ends at its closing tag, not at the end-of-turn token
+    markers: tuple[str, ...] = (JSON_TAG.open, JSON_TAG.close, "<result>", "</result>")
+    call_tags: tuple[str, ...] = (JSON_TAG.open, JSON_TAG.close)  # the model's own to write
 
     def parse(self, text: str) -> tuple[str, dict[str, Any]] | str | None:
         return JSON_TAG.parse(text)
@@ -152,6 +200,7 @@ class NativeSpec:
     end_tokens: tuple[str, ...]
     marker: str
     tool_role: str = "tool"
+    result_tags: tuple[str, ...] = ()  # tags the template puts around a tool result (control strings)
 
 
 @dataclasses.dataclass
@@ -171,6 +220,15 @@ class ChatTemplateFormat:
 
     def parse(self, text: str) -> tuple[str, dict[str, Any]] | str | None:
         return self.spec.call.parse(text)
+
+    @property
+    def call_tags(self) -> tuple[str, ...]:
+        call = self.spec.call
+        return (call.open, call.close) if isinstance(call, TaggedCall) else ()
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return (*self.call_tags, *self.spec.result_tags, *self.end_strings())
 
     def stop_token_ids(self, tokenizer: Any = None) -> list[int]:
         tok = tokenizer or self.tokenizer
@@ -204,7 +262,8 @@ class ChatTemplateFormat:
 
 
 NATIVE: dict[str, NativeSpec] = {
-    "hermes": NativeSpec("hermes", TaggedCall("<tool_call>", "</tool_call>"), ("<|im_end|>",), "<tool_call>"),
+    "hermes": NativeSpec("hermes", TaggedCall("<tool_call>", "</tool_call>"), ("<|im_end|>",), "<tool_call>",
+                         result_tags=("<tool_response>", "</tool_response>")),
     "llama3_json": NativeSpec("llama3_json", WholeTurnJson(), ("<|eot_id|>", "<|eom_id|>"), "ipython"),
 }
 TOOL_FORMATS = ("auto", "json_tag", *NATIVE)  # the values episode.tool_format may take
@@ -250,5 +309,6 @@ def resolve(name: str, tokenizer: Any, schemas: Sequence[dict[str, Any]], *, cha
     return ChatTemplateFormat(NATIVE[name], tokenizer, [dict(s) for s in schemas])
 
 
-ToolFormat = Any  # JsonTagFormat | ChatTemplateFormat: name, stop_strings, native, calls_end_turns, parse,
+ToolFormat = Any  # JsonTagFormat | ChatTemplateFormat: name, stop_strings, native, calls_end_turns, markers,
+# call_tags, parse,
 # stop_token_ids(tokenizer), observation(messages, result, name)

@@ -17,7 +17,8 @@ Tools (each `tool(arguments: dict, context: ToolContext) -> str`):
   matches as `path:line: text`.
 * `read_mathlib`: lines [start, end] of one file of that tree (at most `max_lines`); the path must stay
   inside the tree (relative, no `..`, no symlink leading out).
-* `submit`: ends the episode; its `answer` (or `code`) is what gets verified.
+* `submit`: ends the episode; its one argument, `answer` or `code` (a non-blank string), is what gets
+  verified; any other shape is an error for the model (`submission`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fd_jax.rollout.episodes import Reaction
-from fd_jax.tasks.tool_formats import JSON_TAG, JsonTagFormat, ToolFormat
+from fd_jax.tasks.tool_formats import JSON_TAG, JsonTagFormat, ToolFormat, control_strings, neutralize
 from fd_jax.tasks.tool_formats import RESULT_TEMPLATE  # noqa: F401 - the json_tag result, re-exported
 from fd_jax.verification import ProofTask, Verifier
 
@@ -192,7 +193,7 @@ class MathlibSearch:
 
 
 def confined_path(root: str | os.PathLike, path: str) -> pathlib.Path:
-    """`root/path` resolved, if it is a file inside `root` (symlinks resolved); ToolError otherwise."""
+    """`root/path` resolved, if it is a `.lean` file inside `root` (symlinks resolved); ToolError otherwise."""
     if not path or "\x00" in path or os.path.isabs(path) or path.startswith("~"):
         raise ToolError(f"path must be relative to the Mathlib tree, got {path!r}"[:200])
     if ".." in pathlib.PurePosixPath(path.replace("\\", "/")).parts:
@@ -203,6 +204,8 @@ def confined_path(root: str | os.PathLike, path: str) -> pathlib.Path:
         raise ToolError(f"{path!r} leads outside the Mathlib tree"[:200])
     if not target.is_file():
         raise ToolError(f"no such file: {path!r}"[:200])
+    if target.suffix != ".lean":  # what mathlib_search shows; build outputs (.olean) and VCS files are not
+        raise ToolError(f"only .lean source files can be read, not {path!r}"[:200])
     return target
 
 
@@ -252,6 +255,22 @@ class LeanCheck:
         if verdict.messages:
             lines.append(format_errors(code, verdict.messages, max_chars=self.max_chars))
         return "\n".join(lines)
+
+
+SUBMIT_KEYS = ("answer", "code")
+
+
+def submission(arguments: dict[str, Any]) -> str | ToolError:
+    """What a `submit` call submits: its one argument, `answer` or `code`, a string with a non-blank
+    character. Anything else (both keys, neither, another key, a non-string, only whitespace) is a
+    ToolError to show the model: an ambiguous submission is never resolved by guessing which one counts."""
+    keys = sorted(arguments)
+    if len(keys) != 1 or keys[0] not in SUBMIT_KEYS:
+        return ToolError(f"submit takes exactly one argument, 'answer' or 'code'; got {keys}"[:200])
+    value = arguments[keys[0]]
+    if not isinstance(value, str) or not value.strip():
+        return ToolError(f"submit's {keys[0]!r} must be a non-empty string, got {value!r}"[:200])
+    return value
 
 
 def submit_tool(arguments: dict[str, Any], context: ToolContext) -> str:
@@ -321,17 +340,18 @@ class ToolEnvironment:
     """`fd_jax.rollout.episodes.Environment` over a ToolBox, in a tool-call format (`fd_jax.tasks.tool_formats`,
     `json_tag` by default): a turn with a call gets the tool's result as its observation; a malformed
     call gets an `error: ...` result; a `submit` call, or a turn without a call (an answer), ends the
-    episode. `final[b]`: the text to verify for row b (submit's `answer`/`code`, else the last turn's
+    episode. `final[b]`: the text to verify for row b (submit's `answer` or `code`, else the last turn's
     text); `calls[b]`: the row's calls with results and timings, for the logs.
 
     messages[b]: the row's chat so far (a native format renders each result through the chat template
     after it; the prompt's messages at the start, then the turns and results are appended here).
+    tokenizer: its special and added tokens are control strings, never left whole in a result.
     fit: (encode, max_tokens): a result is cut until its observation (scaffolding included) encodes to at
     most max_tokens, so the episode's own cut at max_obs_tokens never cuts a native format's scaffolding."""
 
     def __init__(self, toolbox: ToolBox, contexts: Sequence[ToolContext], *, tool_format: ToolFormat | None = None,
                  messages: Sequence[Sequence[dict[str, Any]]] | None = None,
-                 fit: tuple[Callable[[str], Sequence[int]], int] | None = None):
+                 fit: tuple[Callable[[str], Sequence[int]], int] | None = None, tokenizer: Any = None):
         self.toolbox = toolbox
         self.contexts = list(contexts)
         self.format = tool_format if tool_format is not None else JsonTagFormat()
@@ -339,10 +359,14 @@ class ToolEnvironment:
             raise ValueError(f"tool format {self.format.name} needs each row's prompt messages")
         self.messages = [list(m) for m in messages] if messages is not None else [[] for _ in contexts]
         self.fit = fit
+        self.controls = control_strings(self.format, tokenizer)  # never in a result as such (`neutralize`)
         self.final: list[str | None] = [None] * len(contexts)
         self.calls: list[list[dict[str, Any]]] = [[] for _ in contexts]
 
     def _observe(self, b: int, result: str, name: str | None) -> str:
+        # A result often echoes model text (arguments in errors, code in Lean's messages): broken control
+        # strings keep the model from writing scaffolding (a closed result, a new turn) through a tool.
+        result = neutralize(result, self.controls)
         text = self.format.observation(self.messages[b], result, name)
         for _ in range(8 if self.fit is not None else 0):  # each pass cuts the result by its share of the excess
             encode, limit = self.fit
@@ -371,8 +395,14 @@ class ToolEnvironment:
                 reactions[i] = Reaction(observation=self._observe(b, parsed, None), call={"name": None})
             elif parsed[0] == SUBMIT:
                 args = parsed[1]
-                answer = args.get("answer", args.get("code"))
-                self.final[b] = answer if isinstance(answer, str) else ""
+                answer = submission(args)
+                if isinstance(answer, ToolError):  # ambiguous or empty: never guessed, the model is told
+                    error = f"error: {answer}"
+                    self.calls[b].append({"name": SUBMIT, "arguments": args, "result": error, "ok": False,
+                                          "time_s": 0.0})
+                    reactions[i] = Reaction(observation=self._observe(b, error, SUBMIT), call={"name": SUBMIT})
+                    continue
+                self.final[b] = answer
                 self.calls[b].append({"name": SUBMIT, "arguments": args, "result": None, "ok": True, "time_s": 0.0})
                 reactions[i] = Reaction(done=True, call={"name": SUBMIT, "arguments": args})
             else:

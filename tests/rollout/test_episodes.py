@@ -153,3 +153,21 @@ def test_budgets_must_be_positive(model):
     with pytest.raises(ValueError, match="max_turns"):
         run_episodes(model, PROMPTS[:1], ScriptedEnv(), decode=DEC, encode=ENC, max_turns=0, max_turn_tokens=4,
                      max_obs_tokens=4, max_episode_tokens=8)
+
+
+def test_masks_at_truncation_boundaries(model):
+    """An observation cut at max_obs_tokens is all mask 0 (its cut end too); a turn cut by the token budget
+    (an unclosed `<t>submit` in it) is all mask 1, never shown to the environment, and ends the episode
+    with END_LENGTH; the model tokens right after the cut observation are mask 1 with the oracle's
+    log-probs."""
+    call = ENC("<t>long call</t>")
+    cut_turn = ENC("ok <t>submit ... and on and on and on")
+    env = ScriptedEnv()
+    out = run_episodes(model, PROMPTS[:1], env, decode=DEC, encode=ENC, max_turns=4, max_turn_tokens=20,
+                       max_obs_tokens=4, max_episode_tokens=100, stop_token_ids=[EOS], stop_strings=["</t>"],
+                       temperature=0.0, forced=[[call, cut_turn]])
+    assert out.end == [END_LENGTH] and env.seen == [[0]]  # the cut turn never reached the environment
+    assert DEC(out.tokens[0]) == "<t>long call</t>[lon" + DEC(cut_turn[:20])
+    assert out.mask[0] == [1] * len(call) + [0] * 4 + [1] * 20
+    assert out.turns[0][0].observation_tokens == 4 and out.turns[0][1].call is None
+    _check_against_oracle(model, PROMPTS[:1], 1, out, greedy=False)

@@ -158,6 +158,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.rollout.solution_template = SOLUTION_TEMPLATE
     cfg.rollout.reprompt_template = REPROMPT_TEMPLATE
     cfg.rollout.log_rollouts = False
+    cfg.rollout.asynchronous = getattr(args, "variant", "sync") == "async"
     cfg.step.teacher = "ema"
     cfg.step.loss_agg = "seq_mean"  # TRL SDPO: mean over each sequence's tokens, then over rows
     cfg.step.share_prompts = not args.no_share_prompts  # the G samples of a problem share its prompt's pass
@@ -167,7 +168,13 @@ def _fdjax_config(args, directory, algo: str):
 
 
 def fdjax_side(args, directory, algo: str) -> dict:
+    """fd_jax's steps as its trainer runs them (`fd_jax.train.loop`): rollout, then the jitted update; with
+    --variant async (`rollout.asynchronous`) the next step's rollout is sampled in a background thread from
+    a copy of the weights while this step's update runs."""
+    import concurrent.futures
+
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from fd_jax import sharding as sharding_lib
@@ -186,7 +193,7 @@ def fdjax_side(args, directory, algo: str) -> dict:
     policy = components.build_policy(cfg, mesh=mesh)
     fmt = components.build_format(cfg, policy.tokenizer)
     verifier = components.build_verifier(cfg)
-    feedback = components.build_feedback(cfg, pathlib.Path(tempfile.mkdtemp())) if args.feedback else None
+    feedback = components.build_feedback(cfg, pathlib.Path(tempfile.mkdtemp())) if args.variant == "feedback" else None
     pad_id = policy.tokenizer.pad_token_id or 0
     graphdef, params = nnx.split(policy.model)
     optimizer = make_optimizer(stage.optim)
@@ -198,21 +205,33 @@ def fdjax_side(args, directory, algo: str) -> dict:
     policy.model = None
     step_fn = make_train_step(graphdef, optimizer, stage.step)
     generate_fn = lambda *a, **k: generate(*a, mesh=mesh, pad_id=pad_id, **k)  # noqa: E731  (as the trainer)
-    steps = []
-    with verifier:
-        for t, problems in enumerate(step_problems(args)):
+    problems = step_problems(args)
+
+    def rollout_of(t, params):
+        return run_rollout(problems[t], model=nnx.merge(graphdef, params), tokenizer=policy.tokenizer, fmt=fmt,
+                           verifier=verifier, feedback=feedback, config=stage.rollout, generate_fn=generate_fn,
+                           seed=t, step=t)
+
+    steps, pending = [], None
+    with verifier, concurrent.futures.ThreadPoolExecutor(1) as background:
+        for t in range(len(problems)):
             start = time.perf_counter()
-            rollout = run_rollout(problems, model=nnx.merge(graphdef, state.params), tokenizer=policy.tokenizer,
-                                  fmt=fmt, verifier=verifier, feedback=feedback, config=stage.rollout,
-                                  generate_fn=generate_fn, seed=t, step=t)
-            train_start = time.perf_counter()
+            rollout = rollout_of(t, state.params) if pending is None else pending.result()
+            waited = time.perf_counter()
+            pending = None
+            if stage.rollout.asynchronous and t + 1 < len(problems):  # as the loop: sampled from a copy
+                pending = background.submit(rollout_of, t + 1, jax.tree.map(jnp.copy, state.params))
+            batch_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, mesh, pad_id=pad_id)
+            train_start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             end = time.perf_counter()
             generate_s = rollout.timings["generate_s"]
+            rollout_host_s = rollout.timings["total_s"] - generate_s
             steps.append({"step_s": end - start, "generate_s": generate_s, "train_s": end - train_start,
-                          "other_s": train_start - start - generate_s,
+                          "other_s": rollout_host_s + train_start - batch_start,
+                          "rollout_wait_s": waited - start,  # the rollout time the step did not hide
                           "reward_mean": float(rollout.batch.rewards_B.mean()),
                           "distilled": float(rollout.batch.distill_mask_B.sum()), "loss": metrics["loss"],
                           "completion_tokens": float(rollout.batch.completion_mask_BC.sum())})
@@ -381,15 +400,14 @@ def _child(args) -> None:
     pathlib.Path(args.out).write_text(json.dumps(result))
 
 
-def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
+def _run_child(args, side: str, algo: str, directory, extra=(), variant: str = "sync") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "result.json"
         command = [sys.executable, str(HERE), "--child", "--side", side, "--algo", algo, "--model-dir", str(directory),
-                   "--out", str(out), "--problems", str(args.problems), "--generations", str(args.generations),
+                   "--out", str(out), "--variant", variant, "--problems", str(args.problems), "--generations", str(args.generations),
                    "--new-tokens", str(args.new_tokens), "--pad-multiple", str(args.pad_multiple),
                    "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
-                   *(["--feedback"] if args.feedback else []),
                    *(["--no-share-prompts"] if args.no_share_prompts else []), *extra]
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -402,7 +420,8 @@ def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
 
 def _summary(run: dict, warmup: int) -> dict:
     timed = run["steps"][warmup:] or run["steps"][-1:]
-    out = {k: round(statistics.median(s[k] for s in timed), 3) for k in ("step_s", "generate_s", "train_s", "other_s")}
+    keys = [k for k in ("step_s", "generate_s", "train_s", "other_s", "rollout_wait_s") if k in timed[0]]
+    out = {k: round(statistics.median(s[k] for s in timed), 3) for k in keys}
     out.update(steps_timed=len(timed), first_step_s=round(run["steps"][0]["step_s"], 2),
                peak_rss_gib=round(run["peak_rss_gib"], 2))
     for key in ("reward_mean", "distilled"):
@@ -423,6 +442,21 @@ def agreement(args, directory) -> dict:
             "tolerance": args.tolerance, "agree": diff <= args.tolerance}
 
 
+VARIANTS = {
+    "sync": "the trainer's defaults (rollout, then update; the teacher sees the solved sibling)",
+    "async": "rollout.asynchronous: the next rollout is sampled while this update runs",
+    "feedback": "FD only: the teacher also reads the checker's feedback on a failed rollout",
+}
+
+
+def _variants(args, algo: str) -> list[str]:
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"vs_trl: --variants {args.variants!r}: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    return [v for v in chosen if algo == "fd" or v != "feedback"]  # GRPO has no teacher to give feedback to
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algos", default="fd,grpo", help="comma-separated: fd, grpo")
@@ -436,7 +470,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="~/.cache/fd_jax/vs_trl")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 2 x 2 rows, 8 tokens, 2 steps")
-    p.add_argument("--feedback", action="store_true", help="fd_jax's FD teacher also reads the checker's feedback")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="fd_jax rows, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--pad-multiple", type=int, default=16, help="fd_jax rollout.pad_multiple (TRL pads to the batch)")
     p.add_argument("--agreement-only", action="store_true")
     p.add_argument("--no-agreement", action="store_true")
@@ -446,6 +481,7 @@ def parse_args(argv=None):
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("fdjax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--algo", default="fd", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="sync", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--agreement", help=argparse.SUPPRESS)
@@ -470,14 +506,16 @@ def main(argv=None) -> dict:
               "agreement": None if args.no_agreement else agreement(args, directory)}
     if not args.agreement_only:
         for algo in args.algos.split(","):
-            sides = {side: _summary(_run_child(args, side, algo, directory), args.warmup)
-                     for side in args.sides.split(",")}
-            if len(sides) < 2:
-                result[algo] = sides
-                continue
-            sides["speedup"] = round(sides["trl"]["step_s"] / sides["fdjax"]["step_s"], 3)
-            sides["train_speedup"] = round(sides["trl"]["train_s"] / sides["fdjax"]["train_s"], 3)
-            sides["rss_ratio"] = round(sides["fdjax"]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)
+            sides = {}
+            for side in args.sides.split(","):
+                for variant in (_variants(args, algo) if side == "fdjax" else ["sync"]):
+                    key = side if variant == "sync" else f"{side}_{variant}"
+                    sides[key] = _summary(_run_child(args, side, algo, directory, variant=variant), args.warmup)
+            if "trl" in sides:
+                for key in [k for k in sides if k.startswith("fdjax")]:
+                    sides[key]["speedup"] = round(sides["trl"]["step_s"] / sides[key]["step_s"], 3)
+                    sides[key]["train_speedup"] = round(sides["trl"]["train_s"] / sides[key]["train_s"], 3)
+                    sides[key]["rss_ratio"] = round(sides[key]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)
             result[algo] = sides
     load["after"] = os.getloadavg()
     result["load_average"] = {k: [round(x, 2) for x in v] for k, v in load.items()}

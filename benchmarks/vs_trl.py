@@ -31,6 +31,9 @@ tokenization, packing, the batch's transfer; TRL: also its log-prob re-scoring o
 `rollout_wait_s` (fd_jax): the rollout time the step did not hide (= generation + host rollout work when
 sync, the wait for the background rollout when async, where generate_s overlaps train_s); the peak RSS of
 the process (ru_maxrss); and per fd_jax row `speedup` = TRL step / fd_jax step, `train_speedup`, `rss_ratio`.
+fd_jax rows also list `compile_s` per step (XLA compilation inside the step: a batch whose padded shapes
+the process had not met yet) and `steady_step_s`, the median of step_s - compile_s over the timed steps
+(the steady state the issue asks for), with `steady_speedup`.
 
 Agreement (`agreement`): fixed token ids (student prompt, teacher prompt with a solved sibling, completions
 of several lengths) are teacher-forced through both trainers' own code: fd_jax's first train step (metric
@@ -192,9 +195,10 @@ def fdjax_side(args, directory, algo: str) -> dict:
     from fd_jax.rl.step import make_train_step
     from fd_jax.rollout.rollout import run_rollout
     from fd_jax.rollout.sampling import generate
-    from fd_jax.train import components, loop, multihost
+    from fd_jax.train import compilations, components, loop, multihost
     from fd_jax.train.stages import stages
 
+    compilations.install()
     cfg = _fdjax_config(args, directory, algo)
     validate(cfg)
     stage = stages(cfg)[0]
@@ -224,7 +228,7 @@ def fdjax_side(args, directory, algo: str) -> dict:
     steps, pending = [], None
     with verifier, concurrent.futures.ThreadPoolExecutor(1) as background:
         for t in range(len(problems)):
-            start = time.perf_counter()
+            start, compiled = time.perf_counter(), compilations.totals()["compile/seconds"]
             rollout = rollout_of(t, state.params) if pending is None else pending.result()
             waited = time.perf_counter()
             pending = None
@@ -241,6 +245,8 @@ def fdjax_side(args, directory, algo: str) -> dict:
             steps.append({"step_s": end - start, "generate_s": generate_s, "train_s": end - train_start,
                           "other_s": rollout_host_s + train_start - batch_start,
                           "rollout_wait_s": waited - start,  # the rollout time the step did not hide
+                          # XLA compilation within the step (a new padded shape), also in step_s
+                          "compile_s": compilations.totals()["compile/seconds"] - compiled,
                           "reward_mean": float(rollout.batch.rewards_B.mean()),
                           "distilled": float(rollout.batch.distill_mask_B.sum()), "loss": metrics["loss"],
                           "completion_tokens": float(rollout.batch.completion_mask_BC.sum())})
@@ -431,6 +437,9 @@ def _summary(run: dict, warmup: int) -> dict:
     timed = run["steps"][warmup:] or run["steps"][-1:]
     keys = [k for k in ("step_s", "generate_s", "train_s", "other_s", "rollout_wait_s") if k in timed[0]]
     out = {k: round(statistics.median(s[k] for s in timed), 3) for k in keys}
+    if "compile_s" in timed[0]:  # fd_jax: steps that met a new padded shape compiled a program
+        out["compile_s"] = [round(s["compile_s"], 2) for s in run["steps"]]
+        out["steady_step_s"] = round(statistics.median(s["step_s"] - s["compile_s"] for s in timed), 3)
     out.update(steps_timed=len(timed), first_step_s=round(run["steps"][0]["step_s"], 2),
                peak_rss_gib=round(run["peak_rss_gib"], 2))
     for key in ("reward_mean", "distilled"):
@@ -523,6 +532,7 @@ def main(argv=None) -> dict:
             if "trl" in sides:
                 for key in [k for k in sides if k.startswith("fdjax")]:
                     sides[key]["speedup"] = round(sides["trl"]["step_s"] / sides[key]["step_s"], 3)
+                    sides[key]["steady_speedup"] = round(sides["trl"]["step_s"] / sides[key]["steady_step_s"], 3)
                     sides[key]["train_speedup"] = round(sides["trl"]["train_s"] / sides[key]["train_s"], 3)
                     sides[key]["rss_ratio"] = round(sides[key]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)
             result[algo] = sides

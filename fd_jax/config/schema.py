@@ -80,9 +80,9 @@ class StepConfig:
     ema_tau: float = knob(0.05, "EMA rate of the teacher: φ ← (1-τ)φ + τθ after every optimizer step",
                           check=(lambda t: 0.0 < t <= 1.0, "must be in (0, 1]"))
     fuse_live_passes: bool = knob(True, "live teacher: one forward pass over student + teacher rows")
-    share_prompts: bool = knob(False, "run each distinct prompt once and only the completions per row (the G "
-                               "samples of a problem share their prompt's keys/values; micro_batches 1, one "
-                               "device; others ignore it)")
+    share_prompts: bool = knob(True, "run each distinct prompt once and only the completions, packed, against "
+                               "it (the G samples of a problem share their prompt's keys/values; exact; "
+                               "micro_batches 1, one device; others ignore it)")
     alpha: float = knob(1.0, "divergence: 0 forward KL, 1 reverse KL, between: generalized JSD",
                         check=(lambda a: 0.0 <= a <= 1.0, "must be in [0, 1] (0 forward KL, 1 reverse KL)"))
     distill_mode: str = knob("full", "support: full | topk | sampled_token", choices=DISTILL_MODES)

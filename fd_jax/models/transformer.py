@@ -275,17 +275,21 @@ class Transformer(nnx.Module):
                        positions_BS=jnp.full((batch, max_len), -1, jnp.int32))
 
     def cached_hidden_states(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, write_index: jax.Array | int
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, write_index: jax.Array | int,
+        mask_BTS: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs `tokens_BT` against `cache`, writing their keys/values at slots [write_index, write_index+T).
 
         Returns the [B, T, D] final hidden states and the updated cache. Rows may have different lengths:
-        padding tokens (position < 0) are written but never attended to.
+        padding tokens (position < 0) are written but never attended to. mask_BTS ([B, T, cache slots] bool):
+        which slots each token attends to, instead of the causal mask from positions (packed sequences whose
+        tokens are not causal by position, e.g. several completions of one prompt back to back).
         """
         cache_positions_BS = jax.lax.dynamic_update_slice(
             cache.positions_BS, positions_BT.astype(jnp.int32), (0, write_index)
         )
-        mask_BTS = attention_mask(positions_BT, cache_positions_BS)
+        if mask_BTS is None:
+            mask_BTS = attention_mask(positions_BT, cache_positions_BS)
         x_BTD = self.embed[...][tokens_BT].astype(self.dtype)
         inv_freq = self._inverse_frequencies()
         new_k, new_v = [], []

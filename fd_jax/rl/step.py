@@ -88,23 +88,38 @@ def _bucket_rows(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32) -> dict:
+PACKINGS = ("auto", "groups", "rows")
+
+
+def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto") -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
     tokens before index_BC[b, 0] are its prompt minus the last token (the prefix). Rows whose prefixes are
-    equal (the G samples of a problem) share one prefix row. Returns numpy arrays:
-    tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all padding, position -1);
-    row_B: the prefix row of each row; tokens_BC / positions_BC: the C tokens at index_BC (the last prompt
-    token and the completion but its last token), positions -1 where mask_BC is 0.
+    equal (the G samples of a problem) share one prefix row. The suffix tokens (the last prompt token and the
+    completion but its last token, where mask_BC is 1) are packed into J rows of M tokens, each packed row
+    attending to one prefix row's cache:
+
+    * `groups`: J = R, one packed row per prefix holding the suffixes of all its rows back to back (M = the
+      most suffix tokens of a prefix, a power of two): the padding of short completions to C is not computed;
+    * `rows`: J = B, M = C: one packed row per batch row (the batch's own layout);
+    * `auto`: `groups` where it runs fewer tokens (J x M) than `rows`.
+
+    Returns numpy arrays: tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all
+    padding, position -1); prefix_J: the prefix row of each packed row; tokens_JM / positions_JM: the packed
+    suffix tokens (position -1: padding); row_JM / col_JM: the batch row and completion column of each
+    (row -1: padding).
     """
     from fd_jax.rl.batch import bucket_length
 
+    if packing not in PACKINGS:
+        raise ValueError(f"packing {packing!r}: expected one of {PACKINGS}")
     tokens_BS, index_BC, mask_BC = map(np.asarray, (tokens_BS, index_BC, mask_BC))
+    B, C = index_BC.shape
     prefix_len_B = index_BC[:, 0]
     ids: dict[bytes, int] = {}
-    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids))
-                      for b in range(len(tokens_BS))], np.int32)
+    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) for b in range(B)],
+                     np.int32)
     first = {r: b for b, r in reversed(list(enumerate(row_B)))}
     rows, length = _bucket_rows(len(ids)), bucket_length(max(1, int(prefix_len_B.max())), multiple)
     tokens_RT = np.zeros((rows, length), tokens_BS.dtype)
@@ -113,38 +128,65 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32) -> dict:
         n = prefix_len_B[b]
         tokens_RT[r, :n] = tokens_BS[b, :n]
         positions_RT[r, :n] = np.arange(n)
-    return {"tokens_RT": tokens_RT, "positions_RT": positions_RT, "row_B": row_B,
-            "tokens_BC": np.take_along_axis(tokens_BS, index_BC, axis=1),
-            "positions_BC": np.where(mask_BC > 0, index_BC, -1).astype(np.int32)}
+    real_BC = mask_BC > 0
+    per_prefix = np.bincount(row_B, weights=real_BC.sum(1), minlength=rows)
+    m_groups = _bucket_rows(max(1, int(per_prefix.max())))
+    if packing == "groups" or (packing == "auto" and rows * m_groups < B * C):
+        members = [[(b, c) for b in np.flatnonzero(row_B == r) for c in np.flatnonzero(real_BC[b])]
+                   for r in range(rows)]
+        prefix_J, m = np.arange(rows, dtype=np.int32), m_groups
+    else:
+        members = [[(b, c) for c in np.flatnonzero(real_BC[b])] for b in range(B)]
+        prefix_J, m = row_B, C
+    tokens_JM = np.zeros((len(members), m), tokens_BS.dtype)
+    positions_JM = np.full((len(members), m), -1, np.int32)
+    row_JM = np.full((len(members), m), -1, np.int32)
+    col_JM = np.zeros((len(members), m), np.int32)
+    for j, tokens in enumerate(members):
+        for k, (b, c) in enumerate(tokens):
+            tokens_JM[j, k] = tokens_BS[b, index_BC[b, c]]
+            positions_JM[j, k], row_JM[j, k], col_JM[j, k] = index_BC[b, c], b, c
+    return {"tokens_RT": tokens_RT, "positions_RT": positions_RT, "prefix_J": prefix_J, "tokens_JM": tokens_JM,
+            "positions_JM": positions_JM, "row_JM": row_JM, "col_JM": col_JM}
 
 
-def shared_prompt_inputs(batch: dict) -> dict:
+def shared_prompt_inputs(batch: dict, *, packing: str = "auto") -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`."""
     out = {}
     mask_BC = np.asarray(batch["completion_mask_BC"])
     for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
                                     "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
-        layout = _prefix_layout(batch[tokens], batch[index], mask_BC)
+        layout = _prefix_layout(batch[tokens], batch[index], mask_BC, packing=packing)
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
     return out
 
 
-def _shared_prefix_hidden(model, mb, family: str):
-    """[B, C, D] final hidden states at the positions that predict the completion, computed as: each distinct
-    prompt prefix once (R rows) into a KV cache, the cache gathered to the B rows, then only the C suffix
-    tokens per row against it. Equal to `hidden_states` gathered at the index (up to float rounding); the
-    G samples of a problem share their prompt's forward (and backward) pass."""
+def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
+    """[B, C, D] final hidden states at the positions that predict the completion (zeros where the completion
+    mask is 0), computed as: each distinct prompt prefix once (R rows) into a KV cache, the cache gathered to
+    the J packed rows, then only the packed suffix tokens against it (`_prefix_layout`), each attending to
+    its prefix and to the earlier suffix tokens of its own batch row. Equal to `hidden_states` gathered at
+    the index (up to float rounding); the G samples of a problem share their prompt's forward (and backward)
+    pass, and the padding of short completions is not computed (packing `groups`)."""
     get = lambda k: mb[f"{PREFIX}{family}/{k}"]  # noqa: E731
-    tokens_RT = get("tokens_RT")
-    cache = model.init_cache(tokens_RT.shape[0], tokens_RT.shape[1] + get("tokens_BC").shape[1])
+    tokens_RT, row_JM, col_JM = get("tokens_RT"), get("row_JM"), get("col_JM")
+    t, m = tokens_RT.shape[1], row_JM.shape[1]
+    cache = model.init_cache(tokens_RT.shape[0], t + m)
     _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, 0)
-    cache = jax.tree.map(lambda x: jnp.take(x, get("row_B"), axis=0), cache)
-    hidden_BCD, _ = model.cached_hidden_states(get("tokens_BC"), get("positions_BC"), cache, tokens_RT.shape[1])
-    return hidden_BCD
+    cache = jax.tree.map(lambda x: jnp.take(x, get("prefix_J"), axis=0), cache)
+    # Visible: the prefix (its real tokens) and the suffix tokens of the same batch row at earlier or equal
+    # columns. Padding tokens (row -1) see the prefix and each other: they are dropped below.
+    same_row = (row_JM[:, :, None] == row_JM[:, None, :]) & (col_JM[:, None, :] <= col_JM[:, :, None])
+    prefix = jnp.broadcast_to((cache.positions_BS[:, None, :t] >= 0), (*row_JM.shape, t))
+    mask_JMS = jnp.concatenate([prefix, same_row], axis=-1)
+    hidden_JMD, _ = model.cached_hidden_states(get("tokens_JM"), get("positions_JM"), cache, t, mask_BTS=mask_JMS)
+    b, c = shape_BC
+    rows = jnp.where(row_JM >= 0, row_JM, b)  # padding: out of range, dropped
+    return jnp.zeros((b, c, hidden_JMD.shape[-1]), hidden_JMD.dtype).at[rows, col_JM].set(hidden_JMD, mode="drop")
 
 
 def _shares(mb, family: str) -> bool:
-    return f"{PREFIX}{family}/row_B" in mb
+    return f"{PREFIX}{family}/row_JM" in mb
 
 
 def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
@@ -163,7 +205,9 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
         return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
     teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
     if _shares(mb, "student"):
-        hs, ht = _shared_prefix_hidden(student, mb, "student"), _shared_prefix_hidden(teacher, mb, "teacher")
+        shape_BC = mb["completion_tokens_BC"].shape
+        hs = _shared_prefix_hidden(student, mb, "student", shape_BC)
+        ht = _shared_prefix_hidden(teacher, mb, "teacher", shape_BC)
         return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
     hs = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
     ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]), mb["teacher_index_BC"])
@@ -278,7 +322,7 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
 def _student_hidden(graphdef, params, mb):
     student = nnx.merge(graphdef, params)
     if _shares(mb, "student"):
-        return _shared_prefix_hidden(student, mb, "student"), student.unembedding
+        return _shared_prefix_hidden(student, mb, "student", mb["completion_tokens_BC"].shape), student.unembedding
     h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
                         mb["student_index_BC"])
     return h_BCD, student.unembedding

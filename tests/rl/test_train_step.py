@@ -321,7 +321,11 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
     batch = _grouped_batch()
     layout = shared_prompt_inputs(batch)
     assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 distinct prompts, padded to a power of two
-    assert list(layout["prefix/student/row_B"]) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # A prompt's completions back to back in one packed row (4 x 16 tokens < 9 rows x C = 8): the padding of
+    # short completions is not computed. The teacher's 6 distinct prompts: 8 packed rows of <= 8 tokens.
+    assert layout["prefix/student/row_JM"].shape == (4, 16)
+    assert [sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []]
+    assert layout["prefix/teacher/row_JM"].shape == (8, 8)
     results = []
     for share in (False, True):
         c = dataclasses.replace(cfg, share_prompts=share)
@@ -334,3 +338,24 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
     assert float(ma["grad_norm"]) > 0
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", ["groups", "rows"])
+def test_shared_prefix_hidden_states_equal_full_forward(setup, packing):
+    """Either packing of the suffix tokens (a prompt's completions back to back in one row, or one row per
+    completion) gives the hidden states of one full forward per row at every completion position, and zeros
+    where the completion mask is 0 (oracle: `hidden_states` over prompt + completion, gathered)."""
+    from fd_jax.rl.step import _shared_prefix_hidden, shared_prompt_inputs
+
+    graphdef, params, _ = setup
+    batch = _grouped_batch()
+    mb = {**batch, **shared_prompt_inputs(batch, packing=packing)}
+    model = nnx.merge(graphdef, params)
+    packed_BCD = jax.jit(lambda mb: _shared_prefix_hidden(model, mb, "teacher", batch["completion_mask_BC"].shape))(mb)
+    full_BTD = model.hidden_states(jnp.asarray(batch["teacher_tokens_BU"]), jnp.asarray(batch["teacher_positions_BU"]))
+    expected_BCD = jnp.take_along_axis(full_BTD, jnp.asarray(batch["teacher_index_BC"])[:, :, None], axis=1)
+    mask_BC1 = batch["completion_mask_BC"][:, :, None]
+    np.testing.assert_allclose(np.asarray(packed_BCD) * mask_BC1, np.asarray(expected_BCD) * mask_BC1,
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(packed_BCD)[batch["completion_mask_BC"] == 0] == 0)
+    assert np.abs(np.asarray(expected_BCD) * mask_BC1).max() > 0.1

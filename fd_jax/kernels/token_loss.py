@@ -64,16 +64,20 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
     num, vocab = s_CV.shape
     unembed = token_kl_xla.Unembedding(w_DV, wt_DV, tile)
     num_tiles = -(-vocab // tile)
+    native = hs_CD.dtype == w_DV.dtype and (ht_CD is None or ht_CD.dtype == hs_CD.dtype) and (
+        wt_DV is None or wt_DV.dtype == w_DV.dtype)
 
     def pass_a(carry, j):
         state, top, s_CV, t_CV = carry
         start, valid_T = unembed.position(j)
-        w_DT = unembed.student(start)
+        # Hidden states and W of one 16-bit dtype multiply as they are (f32 accumulation): the reference's
+        # logits, and no f32 copy of the tile.
+        w_DT = unembed.student(start, widen=not native)
         s_CT = _dot(hs_CD, w_DT)
         s_CV = lax.dynamic_update_slice_in_dim(s_CV, s_CT, start, axis=1)
         t_CT = None
         if t_CV is not None:
-            t_CT = _dot(ht_CD, unembed.teacher(start, w_DT))
+            t_CT = _dot(ht_CD, unembed.teacher(start, w_DT, widen=not native))
             t_CV = lax.dynamic_update_slice_in_dim(t_CV, t_CT, start, axis=1)
         state = tiles.online_update(state, s_CT, t_CT, valid_T)
         if top is not None:

@@ -37,6 +37,10 @@ from fd_jax.models.transformer import KVCache, Transformer
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+# Decode attention over a static prefix of the cache that grows in steps of this many slots (`decode_segments`);
+# at most this many segments (copies of the decode body) per compiled loop.
+DECODE_ATTEND_BLOCK = 64
+MAX_DECODE_SEGMENTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +244,30 @@ class _Rows(NamedTuple):
         )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
+def decode_segments(out_len: int, attend_block: int) -> tuple[int, ...]:
+    """The ends (in decode steps, increasing, the last = out_len) of the decode loop's segments.
+
+    Segment i runs the steps before ends[i] attending to the first prompt_bucket + ends[i] cache slots
+    only (a static length, so the compiled attention reads no more). Segments are multiples of
+    `attend_block` long and at most MAX_DECODE_SEGMENTS: each is its own copy of the decode body in the
+    compiled program (compile time grows with their number). attend_block <= 0, or out_len <= attend_block:
+    one segment over the whole cache.
+    """
+    if attend_block <= 0 or out_len <= attend_block:
+        return (out_len,)
+    size = -(-out_len // MAX_DECODE_SEGMENTS)
+    size = -(-size // attend_block) * attend_block
+    return tuple(range(size, out_len, size)) + (out_len,)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "attend_block"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK, key, max_new_tokens,
-            temperature, top_p, *, static: Static) -> tuple[_Rows, KVCache]:
+            temperature, top_p, *, static: Static, attend_block: int = 0) -> tuple[_Rows, KVCache]:
     """Samples up to max_new_tokens per row, the first from the prefill's logits_BV.
 
+    The loop runs in `decode_segments(N, attend_block)`: a step of segment i attends to the first
+    T + ends[i] slots, which hold everything written so far (slot T + step - 1 is the newest). The
+    outputs are those of attending over the whole cache (the other slots are empty: position -1, masked).
     Returns the rows and the cache (returned so that the donated buffer is updated in place).
     """
     model = nnx.merge(graphdef, state)
@@ -264,21 +287,25 @@ def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK
     token_B, *logprobs = sample(jax.random.fold_in(key, 0), logits_BV)
     rows = record(rows, 0, token_B, *logprobs)
 
-    def cond(loop):
+    def cond(loop, end):
         step, _, _, rows = loop
-        return (step < max_new_tokens) & ~jnp.all(rows.done_B)
+        return (step < jnp.minimum(max_new_tokens, end)) & ~jnp.all(rows.done_B)
 
-    def body(loop):
+    def body(loop, attend_len):
         step, cache, token_B, rows = loop
         # the previous token goes in at slot T + step - 1, each row at its own position
         positions_B1 = (prompt_len_B + step - 1)[:, None]
         hidden_B1D, cache = model.cached_hidden_states(token_B[:, None], positions_B1, cache,
-                                                       static.prompt_bucket + step - 1)
+                                                       static.prompt_bucket + step - 1, attend_len=attend_len)
         logits_BV = model.logits_from_hidden(hidden_B1D)[:, 0]
         token_B, *logprobs = sample(jax.random.fold_in(key, step), logits_BV)
         return step + 1, cache, token_B, record(rows, step, token_B, *logprobs)
 
-    _, cache, _, rows = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, rows))
+    loop = (jnp.int32(1), cache, token_B, rows)
+    for end in decode_segments(out_len, attend_block):  # steps [previous end, end): slots < T + end
+        loop = jax.lax.while_loop(functools.partial(cond, end=end),
+                                  functools.partial(body, attend_len=static.prompt_bucket + end), loop)
+    _, cache, _, rows = loop
     return rows, cache
 
 
@@ -403,6 +430,7 @@ def generate(
     mesh: Mesh | None = None,
     pad_id: int = 0,
     min_bucket: int = 16,
+    attend_block: int = DECODE_ATTEND_BLOCK,
 ) -> SampleOutput:
     """Samples `n` completions for each prompt (token-id lists of any lengths) with a KV cache.
 
@@ -413,7 +441,9 @@ def generate(
     mesh: rows are split over its (data, fsdp) axes (padded with dummy rows to a multiple), the model
     must already be placed on it (`load_hf(..., mesh=mesh)`). pad_id fills the outputs after each row's
     end. Prompt lengths and max_new_tokens are padded to powers of two >= min_bucket for the compiled
-    shapes. Returns a `SampleOutput` of len(prompts) * n rows, prompt-major.
+    shapes. attend_block: decode steps attend to a static prefix of the cache that grows in blocks of this
+    many slots (`decode_segments`; 0 = the whole cache at every step); the outputs are the same either way.
+    Returns a `SampleOutput` of len(prompts) * n rows, prompt-major.
     """
     cfg = model.config
     _validate(prompts, cfg.vocab_size, max_new_tokens, temperature, top_p, top_k, n)
@@ -436,7 +466,7 @@ def generate(
     rows, _ = _decode(
         graphdef, state, cache, logits_BV, batch.prompt_len_B, batch.done_B, batch.stop_ids_BK,
         jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(temperature or 1.0), jnp.float32(top_p),
-        static=static,
+        static=static, attend_block=int(attend_block),
     )
     num_rows = len(prompts) * n
     # real rows only, and max_new_tokens columns (the loop's buffers have the bucketed length)

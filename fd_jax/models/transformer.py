@@ -151,17 +151,13 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_BT, inv_freq)
         if kv is None:
             out = blockwise_attention(q, k.astype(dt), v.astype(dt), mask_BTS, dt, self.attention_block)
-        else:  # write this chunk's keys/values into the static cache, attend over its first S slots
+        else:  # write this chunk's keys/values into the static cache, attend over all of it
             cache_k, cache_v = kv
             write = lambda cache, x_BTGK: jax.lax.dynamic_update_slice(
                 cache, x_BTGK.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, write_index, 0)
             )
             kv = (write(cache_k, k), write(cache_v, v))
-            # The mask's width S is the attended prefix (`cached_hidden_states`' attend_len): a static slice,
-            # so a decode step early in a long cache reads only the slots that can hold anything.
-            attended = mask_BTS.shape[-1]
-            out = cached_attention(q, kv[0][:, :, :attended].astype(dt), kv[1][:, :, :attended].astype(dt),
-                                   mask_BTS, dt)
+            out = cached_attention(q, kv[0].astype(dt), kv[1].astype(dt), mask_BTS, dt)
         return _linear(out, self.o, self.o_bias, dtype=dt, spec="bthk,hkd->btd"), kv
 
 
@@ -279,21 +275,17 @@ class Transformer(nnx.Module):
                        positions_BS=jnp.full((batch, max_len), -1, jnp.int32))
 
     def cached_hidden_states(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, write_index: jax.Array | int,
-        attend_len: int | None = None,
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, write_index: jax.Array | int
     ) -> tuple[jax.Array, KVCache]:
         """Runs `tokens_BT` against `cache`, writing their keys/values at slots [write_index, write_index+T).
 
         Returns the [B, T, D] final hidden states and the updated cache. Rows may have different lengths:
-        padding tokens (position < 0) are written but never attended to. attend_len (static): attend only
-        to slots [0, attend_len) (default: every slot). The caller guarantees that no slot past it holds a
-        key these tokens may see (the decode loop's later slots are still empty); the result is then the
-        same, for less work while the cache is mostly empty.
+        padding tokens (position < 0) are written but never attended to.
         """
         cache_positions_BS = jax.lax.dynamic_update_slice(
             cache.positions_BS, positions_BT.astype(jnp.int32), (0, write_index)
         )
-        mask_BTS = attention_mask(positions_BT, cache_positions_BS[:, :attend_len])
+        mask_BTS = attention_mask(positions_BT, cache_positions_BS)
         x_BTD = self.embed[...][tokens_BT].astype(self.dtype)
         inv_freq = self._inverse_frequencies()
         new_k, new_v = [], []

@@ -247,8 +247,8 @@ class _Rows(NamedTuple):
 def decode_segments(out_len: int, attend_block: int) -> tuple[int, ...]:
     """The ends (in decode steps, increasing, the last = out_len) of the decode loop's segments.
 
-    Segment i runs the steps before ends[i] attending to the first prompt_bucket + ends[i] cache slots
-    only (a static length, so the compiled attention reads no more). Segments are multiples of
+    Segment i runs the steps before ends[i] against a cache of prompt_bucket + ends[i] slots only (a
+    static length, so the compiled attention reads no more; the cache grows between segments). Segments are multiples of
     `attend_block` long and at most MAX_DECODE_SEGMENTS: each is its own copy of the decode body in the
     compiled program (compile time grows with their number). attend_block <= 0, or out_len <= attend_block:
     one segment over the whole cache.
@@ -265,9 +265,11 @@ def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK
             temperature, top_p, *, static: Static, attend_block: int = 0) -> tuple[_Rows, KVCache]:
     """Samples up to max_new_tokens per row, the first from the prefill's logits_BV.
 
-    The loop runs in `decode_segments(N, attend_block)`: a step of segment i attends to the first
-    T + ends[i] slots, which hold everything written so far (slot T + step - 1 is the newest). The
-    outputs are those of attending over the whole cache (the other slots are empty: position -1, masked).
+    The loop runs in `decode_segments(N, attend_block)`: segment i carries only the first T + ends[i]
+    slots of the cache, which hold everything written so far (slot T + step - 1 is the newest), and pads
+    it with empty slots (position -1) for the next. The outputs are those of attending over the whole cache
+    (the other slots are empty, masked). A smaller carried cache rather than a slice of the whole one: XLA
+    copies the whole cache at every step when the attention reads a slice of the buffer it updates.
     Returns the rows and the cache (returned so that the donated buffer is updated in place).
     """
     model = nnx.merge(graphdef, state)
@@ -291,22 +293,40 @@ def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK
         step, _, _, rows = loop
         return (step < jnp.minimum(max_new_tokens, end)) & ~jnp.all(rows.done_B)
 
-    def body(loop, attend_len):
+    def body(loop):
         step, cache, token_B, rows = loop
         # the previous token goes in at slot T + step - 1, each row at its own position
         positions_B1 = (prompt_len_B + step - 1)[:, None]
         hidden_B1D, cache = model.cached_hidden_states(token_B[:, None], positions_B1, cache,
-                                                       static.prompt_bucket + step - 1, attend_len=attend_len)
+                                                       static.prompt_bucket + step - 1)
         logits_BV = model.logits_from_hidden(hidden_B1D)[:, 0]
         token_B, *logprobs = sample(jax.random.fold_in(key, step), logits_BV)
         return step + 1, cache, token_B, record(rows, step, token_B, *logprobs)
 
     loop = (jnp.int32(1), cache, token_B, rows)
     for end in decode_segments(out_len, attend_block):  # steps [previous end, end): slots < T + end
-        loop = jax.lax.while_loop(functools.partial(cond, end=end),
-                                  functools.partial(body, attend_len=static.prompt_bucket + end), loop)
+        step, cache, token_B, rows = loop
+        cache = _resize_cache(cache, static.prompt_bucket + end)
+        loop = jax.lax.while_loop(functools.partial(cond, end=end), body, (step, cache, token_B, rows))
     _, cache, _, rows = loop
     return rows, cache
+
+
+def _resize_cache(cache: KVCache, slots: int) -> KVCache:
+    """The cache's first `slots` slots, or the cache padded with empty slots (position -1) to `slots`."""
+    have = cache.positions_BS.shape[1]
+    if slots == have:
+        return cache
+
+    def resize(x, axis, fill):
+        if slots < have:
+            return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - have)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    return KVCache(tuple(resize(k, 2, 0) for k in cache.k), tuple(resize(v, 2, 0) for v in cache.v),
+                   resize(cache.positions_BS, 1, -1))
 
 
 # -- host orchestration -----------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ CPU section (the default off-accelerator): the same random weights on both sides
 built, saved and read back with `load_hf`), batch 8, 32-token prompts, greedy, exactly N new tokens on
 both sides (no eos). Runs are interleaved A B A B in one process and medians reported; fd_jax's compile
 time is reported apart (its first call minus its median). Tokens/s count generated tokens, prefill
-included, on both sides.
+included, on both sides. fd_jax runs twice per round: as shipped (decode attends to a prefix of the cache
+that grows in blocks of 64 slots) and with `attend_block=0` (every step attends to the whole cache, the
+sampler before issue 19), `--no-whole-cache` skips the latter.
 
 GPU section (when jax.default_backend() == "gpu", or `--section gpu`): decode tokens/s of a ~1B
 Llama-shaped random model in bf16 at batch 64, and the fraction of HBM bandwidth reached. The decode step
@@ -69,7 +71,8 @@ def _timed(fn):
     return time.perf_counter() - start, result
 
 
-def bench_cpu_model(name: str, new_tokens: list[int], *, batch: int, prompt_len: int, reps: int, threads: int):
+def bench_cpu_model(name: str, new_tokens: list[int], *, batch: int, prompt_len: int, reps: int, threads: int,
+                    whole_cache: bool = True):
     import torch
     import transformers
 
@@ -92,6 +95,9 @@ def bench_cpu_model(name: str, new_tokens: list[int], *, batch: int, prompt_len:
         def run_fd():
             return generate(model, prompts, max_new_tokens=n_new, temperature=0.0)
 
+        def run_fd_whole():
+            return generate(model, prompts, max_new_tokens=n_new, temperature=0.0, attend_block=0)
+
         def run_hf():
             with torch.no_grad():
                 return hf_model.generate(
@@ -101,10 +107,15 @@ def bench_cpu_model(name: str, new_tokens: list[int], *, batch: int, prompt_len:
 
         first_fd_s, fd_out = _timed(run_fd)
         _, hf_out = _timed(run_hf)  # warm-up
-        fd_times, hf_times = [], []
+        if whole_cache:
+            _, whole_out = _timed(run_fd_whole)
+            assert (whole_out.tokens == fd_out.tokens).all(), "the whole-cache sampler chose other tokens"
+        fd_times, hf_times, whole_times = [], [], []
         for _ in range(reps):
             fd_times.append(_timed(run_fd)[0])
             hf_times.append(_timed(run_hf)[0])
+            if whole_cache:
+                whole_times.append(_timed(run_fd_whole)[0])
         hf_tokens = hf_out[:, prompt_len:].numpy()
         assert hf_tokens.shape == (batch, n_new), hf_tokens.shape
         assert (fd_out.lengths == n_new).all()
@@ -122,6 +133,13 @@ def bench_cpu_model(name: str, new_tokens: list[int], *, batch: int, prompt_len:
             # random weights give near-ties, so f32 rounding may flip a few greedy tokens; not a speed figure
             greedy_token_agreement=round(float((fd_out.tokens == hf_tokens).mean()), 3),
         ))
+        if whole_cache:
+            whole_med = statistics.median(whole_times)
+            results[-1].update(
+                fd_jax_whole_cache_tok_s=round(generated / whole_med, 1),
+                ratio_whole_cache=round(hf_med / whole_med, 2),
+                fd_jax_whole_cache_s=[round(t, 4) for t in whole_times],
+            )
         print(json.dumps(results[-1]), file=sys.stderr)
     return results
 
@@ -182,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--gpu-new-tokens", type=int, default=256)
     parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM bandwidth (H100 SXM: 3350)")
     parser.add_argument("--gpu-smoke", action="store_true", help="gpu section with a tiny model (checks the code)")
+    parser.add_argument("--no-whole-cache", action="store_true",
+                        help="do not also time fd_jax with attend_block=0 (attention over the whole cache)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -203,7 +223,7 @@ def main(argv=None):
         for name in args.models.split(","):
             report["results"] += bench_cpu_model(
                 name, new_tokens, batch=args.batch or 8, prompt_len=args.prompt_len or 32, reps=reps,
-                threads=args.threads,
+                threads=args.threads, whole_cache=not args.no_whole_cache,
             )
     else:
         report["results"].append(bench_gpu(

@@ -23,8 +23,12 @@ Per shape (N tokens, D, V) and input dtypes (f32; bf16; `mixed`: bf16 hidden sta
 TPU configs train): XLA's compiled temporary memory (`memory_analysis().temp_size_in_bytes`) and the
 median wall time, the three run in turn (A B C A B C) in one process, every array passed as an argument
 (captured arrays would be constants that XLA folds); each variant's value and gradients are checked
-against the reference's. Prints one JSON object with the ratios to the reference and the targets (memory
-<= 5%, time <= 0.8 in f32 and <= 0.6 with bf16 inputs; none for `mixed`).
+against the reference's. Prints one JSON object with the ratios to the reference and to the floor, and the
+targets of issue 19: per variant `floor_ratio` (its median wall time / the floor's; `cpu_floor_ratio` the
+same in process CPU seconds) <= 1.15 in f32 and bf16, and `memory_ratio` (temporary memory / the
+reference's) <= 5% in f32 (bf16: reported, no target; `mixed`: no targets). `meets_targets` reads the
+wall-time ratio. A ratio to the floor timed interleaved in the same process is far steadier on a loaded
+machine than a time or a ratio across processes, but load still moves it by several percent.
 Process CPU seconds are reported beside wall seconds: on a shared or oversubscribed machine wall time also
 counts time spent descheduled, and the reference's time varies most (its GB-sized temporaries are
 page-faulted in on every call), so read the CPU ratio too and compare several runs.
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,8 +57,9 @@ from fd_jax.kernels import token_kl, token_kl_xla, token_loss
 
 SHAPES = {"S": (2048, 256, 32768), "L": (2048, 576, 49152)}  # L: SmolLM2-135M's D and V
 ACCEL_SHAPE = (8192, 2048, 151936)  # a Qwen-sized vocabulary
-TARGET_MEMORY = 0.05
-TARGET_TIME = {"float32": 0.8, "bfloat16": 0.6, "mixed": None}
+# Issue 19's targets, relative to the matmul floor (time) and to the reference (temporary memory).
+TARGET_FLOOR = {"float32": 1.15, "bfloat16": 1.15, "mixed": None}
+TARGET_MEMORY = {"float32": 0.05, "bfloat16": None, "mixed": None}
 # Input dtypes (hidden states, W). `mixed` is how the TPU configs train (bf16 compute, f32 parameters): the
 # issue sets no target for it; with an f32 W the one-pass dW accumulator is the gradient itself.
 DTYPES = {"float32": (jnp.float32, jnp.float32), "bfloat16": (jnp.bfloat16, jnp.bfloat16),
@@ -146,13 +152,17 @@ def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blo
                    "reference_s": round(secs["reference"], 4), "reference_cpu_s": round(cpu["reference"], 4)}
             for name in ("fused", "one_pass"):
                 mem_ratio = mem[name] / mem["reference"]
-                time_ratio = secs[name] / secs["reference"]
+                floor_ratio = secs[name] / secs["matmul_floor"]
+                target_floor, target_memory = TARGET_FLOOR[dtype_name], TARGET_MEMORY[dtype_name]
                 row[name] = {
                     "temp_MiB": round(mem[name] / 2**20, 1), "memory_ratio": round(mem_ratio, 4),
-                    "s": round(secs[name], 4), "time_ratio": round(time_ratio, 3), "cpu_s": round(cpu[name], 4),
+                    "s": round(secs[name], 4), "cpu_s": round(cpu[name], 4),
+                    "floor_ratio": round(floor_ratio, 3),
+                    "cpu_floor_ratio": round(cpu[name] / cpu["matmul_floor"], 3),
+                    "time_ratio": round(secs[name] / secs["reference"], 3),
                     "cpu_time_ratio": round(cpu[name] / cpu["reference"], 3),
-                    "meets_targets": None if TARGET_TIME[dtype_name] is None else
-                    bool(mem_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME[dtype_name]),
+                    "meets_targets": None if target_floor is None else
+                    bool(floor_ratio <= target_floor and (target_memory is None or mem_ratio <= target_memory)),
                 }
             row["matmul_floor"] = {"s": round(secs["matmul_floor"], 4),
                                    "time_ratio": round(secs["matmul_floor"] / secs["reference"], 3),
@@ -247,12 +257,14 @@ def main(argv=None) -> dict:
         "benchmark": "token_kl value_and_grad, fused vs reference",
         "backend": jax.default_backend(), "jax": jax.__version__, "reps": reps, "mode": args.mode,
         "alpha": args.alpha, "mask_fraction": args.mask_fraction, "xla_blocks": list(token_kl_xla.DEFAULT_BLOCKS),
-        "targets": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
+        "targets": {"floor_ratio": TARGET_FLOOR, "memory_ratio": TARGET_MEMORY},
+        "load_avg_1min_start": os.getloadavg()[0],
         "one_pass_blocks": [args.one_pass_chunk or token_loss.DEFAULT_LOSS_CHUNK,
                             args.one_pass_tile or token_loss.DEFAULT_LOSS_TILE],
         "cases": cpu_section(shapes, args.dtypes.split(","), reps, args.mode, args.alpha,
                              (args.one_pass_chunk, args.one_pass_tile), args.mask_fraction),
     }
+    result["load_avg_1min_end"] = os.getloadavg()[0]
     if jax.default_backend() in ("gpu", "tpu"):
         result["accelerator"] = accelerator_section(reps, args.mode, args.alpha, args.mask_fraction)
     print(json.dumps(result, indent=1))

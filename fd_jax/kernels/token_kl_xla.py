@@ -52,9 +52,11 @@ def _from_bits(x: Array, dtype) -> Array:
     return lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 and dtype != jnp.uint16 else x
 
 
-def _slice_columns(x_DV: Array, start, tile: int, dtype) -> Array:
-    """x[:, start:start + tile] in f32, where x_DV may be the `_to_bits` view of an array of `dtype`."""
-    return _from_bits(lax.dynamic_slice_in_dim(x_DV, start, tile, axis=1), dtype).astype(jnp.float32)
+def _slice_columns(x_DV: Array, start, tile: int, dtype, widen: bool = True) -> Array:
+    """x[:, start:start + tile] in f32 (widen=False: in `dtype`), where x_DV may be the `_to_bits` view of an
+    array of `dtype`."""
+    x_DT = _from_bits(lax.dynamic_slice_in_dim(x_DV, start, tile, axis=1), dtype)
+    return x_DT.astype(jnp.float32) if widen else x_DT
 
 
 class Unembedding:
@@ -72,14 +74,17 @@ class Unembedding:
         start = jnp.minimum(j * self.tile, self.vocab - self.tile)
         return start, tiles.valid_columns(start, j * self.tile, self.tile, self.vocab)
 
-    def student(self, start) -> Array:
-        return _slice_columns(self.bits[0], start, self.tile, self.dtypes[0])
+    def student(self, start, widen: bool = True) -> Array:
+        """The student's tile in f32; widen=False: in W's own dtype (for a logit matmul whose other operand
+        has that dtype too: a bf16 x bf16 product with f32 accumulation is exact in f32, and the CPU's bf16
+        dot instructions then run it without an f32 copy of the tile)."""
+        return _slice_columns(self.bits[0], start, self.tile, self.dtypes[0], widen)
 
-    def teacher(self, start, w_DT: Array) -> Array:
+    def teacher(self, start, w_DT: Array, widen: bool = True) -> Array:
         """The teacher's tile; `w_DT` (the student's, already read) when W is shared."""
         if self.bits[1] is None:
             return w_DT
-        return _slice_columns(self.bits[1], start, self.tile, self.dtypes[1])
+        return _slice_columns(self.bits[1], start, self.tile, self.dtypes[1], widen)
 
 
 def _dot(a, b):

@@ -52,8 +52,8 @@ def _dot(a, b):
 def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
     """One chunk of C tokens: its loss, stats and d_h, and its hᵀ g added into the dW accumulator.
 
-    Pass A visits the vocabulary tiles: each tile's logits (one matmul per side) update the online
-    statistics while still in cache and are kept in the [C, V] buffers. Then the statistics, the token
+    Pass A visits the vocabulary tiles: each tile's logits (one matmul for both sides when they share W)
+    update the online statistics while still in cache and are kept in the [C, V] buffers. Then the statistics, the token
     losses and their cotangents. Pass B revisits the tiles of the buffers: the logit gradient, d_h += g Wᵀ
     and dW[:, tile] += hᵀ g. A ragged last tile is read at V - T, its already-seen columns masked.
     """
@@ -64,16 +64,26 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
     num, vocab = s_CV.shape
     unembed = token_kl_xla.Unembedding(w_DV, wt_DV, tile)
     num_tiles = -(-vocab // tile)
+    native = hs_CD.dtype == w_DV.dtype and (ht_CD is None or ht_CD.dtype == hs_CD.dtype) and (
+        wt_DV is None or wt_DV.dtype == w_DV.dtype)
+    # A shared W: both sides' rows in one [2C, D] operand, so each tile of W is read once per chunk.
+    stacked = t_CV is not None and wt_DV is None and ht_CD.dtype == hs_CD.dtype
+    hst_2CD = jnp.concatenate([hs_CD, ht_CD]) if stacked else None
 
     def pass_a(carry, j):
         state, top, s_CV, t_CV = carry
         start, valid_T = unembed.position(j)
-        w_DT = unembed.student(start)
-        s_CT = _dot(hs_CD, w_DT)
+        # Hidden states and W of one 16-bit dtype multiply as they are (f32 accumulation): the reference's
+        # logits, and no f32 copy of the tile.
+        w_DT = unembed.student(start, widen=not native)
+        if stacked:  # one [2C, D] x [D, T] matmul for both sides: W's tile is streamed once
+            st_2CT = _dot(hst_2CD, w_DT)
+            s_CT, t_CT = st_2CT[:num], st_2CT[num:]
+        else:
+            s_CT = _dot(hs_CD, w_DT)
+            t_CT = None if t_CV is None else _dot(ht_CD, unembed.teacher(start, w_DT, widen=not native))
         s_CV = lax.dynamic_update_slice_in_dim(s_CV, s_CT, start, axis=1)
-        t_CT = None
         if t_CV is not None:
-            t_CT = _dot(ht_CD, unembed.teacher(start, w_DT))
             t_CV = lax.dynamic_update_slice_in_dim(t_CV, t_CT, start, axis=1)
         state = tiles.online_update(state, s_CT, t_CT, valid_T)
         if top is not None:

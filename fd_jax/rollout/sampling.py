@@ -37,6 +37,10 @@ from fd_jax.models.transformer import KVCache, Transformer
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+# Decode attention over a static prefix of the cache that grows in steps of this many slots (`decode_segments`);
+# at most this many segments (copies of the decode body) per compiled loop.
+DECODE_ATTEND_BLOCK = 64
+MAX_DECODE_SEGMENTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +244,32 @@ class _Rows(NamedTuple):
         )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
+def decode_segments(out_len: int, attend_block: int) -> tuple[int, ...]:
+    """The ends (in decode steps, increasing, the last = out_len) of the decode loop's segments.
+
+    Segment i runs the steps before ends[i] against a cache of prompt_bucket + ends[i] slots only (a
+    static length, so the compiled attention reads no more; the cache grows between segments). Segments are multiples of
+    `attend_block` long and at most MAX_DECODE_SEGMENTS: each is its own copy of the decode body in the
+    compiled program (compile time grows with their number). attend_block <= 0, or out_len <= attend_block:
+    one segment over the whole cache.
+    """
+    if attend_block <= 0 or out_len <= attend_block:
+        return (out_len,)
+    size = -(-out_len // MAX_DECODE_SEGMENTS)
+    size = -(-size // attend_block) * attend_block
+    return tuple(range(size, out_len, size)) + (out_len,)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "static", "attend_block"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK, key, max_new_tokens,
-            temperature, top_p, *, static: Static) -> tuple[_Rows, KVCache]:
+            temperature, top_p, *, static: Static, attend_block: int = 0) -> tuple[_Rows, KVCache]:
     """Samples up to max_new_tokens per row, the first from the prefill's logits_BV.
 
+    The loop runs in `decode_segments(N, attend_block)`: segment i carries only the first T + ends[i]
+    slots of the cache, which hold everything written so far (slot T + step - 1 is the newest), and pads
+    it with empty slots (position -1) for the next. The outputs are those of attending over the whole cache
+    (the other slots are empty, masked). A smaller carried cache rather than a slice of the whole one: XLA
+    copies the whole cache at every step when the attention reads a slice of the buffer it updates.
     Returns the rows and the cache (returned so that the donated buffer is updated in place).
     """
     model = nnx.merge(graphdef, state)
@@ -264,9 +289,9 @@ def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK
     token_B, *logprobs = sample(jax.random.fold_in(key, 0), logits_BV)
     rows = record(rows, 0, token_B, *logprobs)
 
-    def cond(loop):
+    def cond(loop, end):
         step, _, _, rows = loop
-        return (step < max_new_tokens) & ~jnp.all(rows.done_B)
+        return (step < jnp.minimum(max_new_tokens, end)) & ~jnp.all(rows.done_B)
 
     def body(loop):
         step, cache, token_B, rows = loop
@@ -278,8 +303,30 @@ def _decode(graphdef, state, cache, logits_BV, prompt_len_B, done_B, stop_ids_BK
         token_B, *logprobs = sample(jax.random.fold_in(key, step), logits_BV)
         return step + 1, cache, token_B, record(rows, step, token_B, *logprobs)
 
-    _, cache, _, rows = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, token_B, rows))
+    loop = (jnp.int32(1), cache, token_B, rows)
+    for end in decode_segments(out_len, attend_block):  # steps [previous end, end): slots < T + end
+        step, cache, token_B, rows = loop
+        cache = _resize_cache(cache, static.prompt_bucket + end)
+        loop = jax.lax.while_loop(functools.partial(cond, end=end), body, (step, cache, token_B, rows))
+    _, cache, _, rows = loop
     return rows, cache
+
+
+def _resize_cache(cache: KVCache, slots: int) -> KVCache:
+    """The cache's first `slots` slots, or the cache padded with empty slots (position -1) to `slots`."""
+    have = cache.positions_BS.shape[1]
+    if slots == have:
+        return cache
+
+    def resize(x, axis, fill):
+        if slots < have:
+            return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - have)
+        return jnp.pad(x, pad, constant_values=fill)
+
+    return KVCache(tuple(resize(k, 2, 0) for k in cache.k), tuple(resize(v, 2, 0) for v in cache.v),
+                   resize(cache.positions_BS, 1, -1))
 
 
 # -- host orchestration -----------------------------------------------------------------------------------
@@ -403,6 +450,7 @@ def generate(
     mesh: Mesh | None = None,
     pad_id: int = 0,
     min_bucket: int = 16,
+    attend_block: int = DECODE_ATTEND_BLOCK,
 ) -> SampleOutput:
     """Samples `n` completions for each prompt (token-id lists of any lengths) with a KV cache.
 
@@ -413,7 +461,9 @@ def generate(
     mesh: rows are split over its (data, fsdp) axes (padded with dummy rows to a multiple), the model
     must already be placed on it (`load_hf(..., mesh=mesh)`). pad_id fills the outputs after each row's
     end. Prompt lengths and max_new_tokens are padded to powers of two >= min_bucket for the compiled
-    shapes. Returns a `SampleOutput` of len(prompts) * n rows, prompt-major.
+    shapes. attend_block: decode steps attend to a static prefix of the cache that grows in blocks of this
+    many slots (`decode_segments`; 0 = the whole cache at every step); the outputs are the same either way.
+    Returns a `SampleOutput` of len(prompts) * n rows, prompt-major.
     """
     cfg = model.config
     _validate(prompts, cfg.vocab_size, max_new_tokens, temperature, top_p, top_k, n)
@@ -436,7 +486,7 @@ def generate(
     rows, _ = _decode(
         graphdef, state, cache, logits_BV, batch.prompt_len_B, batch.done_B, batch.stop_ids_BK,
         jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(temperature or 1.0), jnp.float32(top_p),
-        static=static,
+        static=static, attend_block=int(attend_block),
     )
     num_rows = len(prompts) * n
     # real rows only, and max_new_tokens columns (the loop's buffers have the bucketed length)

@@ -150,6 +150,29 @@ def test_bf16_inputs_stay_close_to_f32():
     np.testing.assert_allclose(np.asarray(g16, np.float32), g32, atol=0.1 * np.abs(g32).max())
 
 
+def test_bf16_inputs_equal_the_reference_on_the_same_bf16_inputs():
+    """With bf16 h and W the kernel multiplies them as they are (f32 accumulation), like the reference: a
+    bf16 x bf16 product is exact in f32, so only the summation order differs from autodiff through it."""
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    hs, ht, w, wt, mask, ids, aux = DATA
+    hs, ht, w = bf(hs), bf(ht), bf(w)
+
+    def fused(hs, w):
+        return fused_token_loss(hs, ht, w, mask, ids, objective, aux, token_chunk=5, vocab_tile=16)[0]
+
+    def reference(hs, w):
+        return jnp.sum(objective(tk.reference_token_stats(hs, ht, w, mask, ids), aux) * mask)
+
+    (loss, grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, w)
+                                         for f in (fused, reference))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    for got, ref in zip(grads, want_grads):
+        assert got.dtype == jnp.bfloat16
+        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+        # both are f32 sums rounded once to bf16 (8 bits): at most a rounding step apart
+        np.testing.assert_allclose(got, ref, rtol=2**-7, atol=1e-6 * np.abs(ref).max())
+
+
 def test_aux_arrays_must_be_per_token():
     hs, ht, w, wt, mask, ids, aux = DATA
     with pytest.raises(ValueError, match=r"aux array must be \[N=12"):

@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from fd_jax import sharding
 from fd_jax.models import load_hf
 from fd_jax.models.transformer import Transformer
-from fd_jax.rollout.sampling import SampleOutput, argmax, bucket, filter_logits, generate
+from fd_jax.rollout.sampling import SampleOutput, argmax, bucket, decode_segments, filter_logits, generate
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 FAMILIES = {
@@ -119,6 +119,25 @@ def test_seed_reproducible_and_sampled_logprobs_match_transformers(models):
     expected = _completion_logprobs(_hf_logits(hf_model, _full_rows(PROMPTS, a)), PROMPTS, a)
     np.testing.assert_allclose(a.logprobs, expected, atol=1e-4, rtol=0)
     np.testing.assert_array_equal(a.sampling_logprobs, a.logprobs)  # temperature 1, no filter
+
+
+def test_decode_over_growing_cache_prefixes_equals_whole_cache(models):
+    """Segments that attend to the first T + 64 k slots give the whole-cache loop's tokens and log-probs,
+    and the log-probs are transformers' teacher-forced ones; a row's steps cross every segment boundary."""
+    assert decode_segments(256, 64) == (64, 128, 192, 256)
+    assert decode_segments(1024, 64) == (256, 512, 768, 1024)  # at most 4 copies of the loop body
+    assert decode_segments(64, 64) == (64,) and decode_segments(256, 0) == (256,)
+    assert decode_segments(200, 64) == (64, 128, 192, 200)
+    hf_model, model, _ = models["llama"]
+    prompts = PROMPTS[::4]
+    kw = dict(max_new_tokens=150, temperature=1.0, n=2, seed=3)  # bucket 256: segments end at 64, 128, 192
+    whole, segmented = generate(model, prompts, attend_block=0, **kw), generate(model, prompts, **kw)
+    np.testing.assert_array_equal(segmented.tokens, whole.tokens)
+    # Masked slots add exact zeros, but shorter rows are summed in another order: f32 rounding (~1e-6 here).
+    np.testing.assert_allclose(segmented.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+    assert (segmented.lengths == 150).all()
+    expected = _completion_logprobs(_hf_logits(hf_model, _full_rows(prompts, segmented)), prompts, segmented)
+    np.testing.assert_allclose(segmented.logprobs, expected, atol=1e-4, rtol=0)
 
 
 def _warped(logits_RV, temperature=1.0, top_k=0, top_p=1.0):

@@ -12,13 +12,21 @@ Where the context goes (`placement`, `PLACEMENTS`):
           format (docs/demo/README.md: arithmetic chat `turns`; Lean chat `user`, not measured yet).
 `system` and `turns` keep the last user turn exactly the student's question (or a short retry of it), so the
 few-shot pattern the model answers by is not broken; they need a chat format (one with `messages`).
+
+The feedback, the demonstration, the failed attempt and the solved sibling's reply are untrusted text (model
+output, or a feedback LLM's critique that may quote it): each has its control strings broken
+(`fd_jax.data.control.neutralize`) before it enters the messages, so a completion containing
+`<|im_end|>\n<|im_start|>user` cannot forge a turn in the teacher's context once the rendered text is encoded
+with special-token parsing. The problem and the templates are trusted and left as they are; a text without
+control strings renders exactly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from fd_jax.data.control import neutralize, tokenizer_controls
 from fd_jax.data.prompts import PromptFormat, fill
 from fd_jax.data.problems import Problem
 
@@ -75,6 +83,7 @@ def render_teacher_prompt(
     placement: str = "user",
     attempt: str | None = None,
     solved_reply: str | None = None,
+    controls: Sequence[str] | None = None,
 ) -> str:
     """The teacher prompt as text, with the context placed by `placement` (see the module docstring).
 
@@ -82,10 +91,17 @@ def render_teacher_prompt(
     sibling's completion as the model wrote it, the reply of the extra worked example under `turns` (None:
     the demonstration). attempt: the failed completion the feedback is about (`turns`: the assistant turn
     of the retry exchange; None: the feedback goes before the question, as a retry without the attempt).
+    controls: the strings broken in those four untrusted texts (`neutralize`); None: the special and markup
+    tokens of the format's tokenizer (`tokenizer_controls(fmt.tokenizer)`; none for a format without one,
+    so a completion format's caller passes its tokenizer's).
     Raises ValueError for an unknown placement, or `system` / `turns` with a format without chat turns.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown context placement {placement!r}; known: {list(PLACEMENTS)}")
+    if controls is None:
+        controls = tokenizer_controls(getattr(fmt, "tokenizer", None))
+    feedback, solution, attempt, solved_reply = (
+        None if t is None else neutralize(t, controls) for t in (feedback, solution, attempt, solved_reply))
     placement = resolve_placement(fmt, placement)
     if placement == "user" or (feedback is None and solution is None):
         return fmt.render(problem, teacher_context(feedback, solution, templates))
@@ -120,6 +136,7 @@ def build_reprompt(
     placement: str = "user",
     attempt: str | None = None,
     solved_reply: str | None = None,
+    controls: Sequence[str] | None = None,
 ) -> Reprompt | None:
     """The teacher prompt for one rollout, or None when even the bare context does not fit.
 
@@ -127,12 +144,14 @@ def build_reprompt(
     max_len: a cap on len(tokens); the feedback is cut to the longest prefix that fits (a binary search over
     characters, so it holds for any tokenizer) and marked; the demonstration is never cut. None when
     nothing fits: the rollout is then not distilled.
-    placement, attempt, solved_reply: where the context goes (`render_teacher_prompt`).
+    placement, attempt, solved_reply: where the context goes (`render_teacher_prompt`); controls: the
+    strings broken in the untrusted texts (`render_teacher_prompt`).
     """
 
     def attempt_fit(fb: str | None, sol: str | None) -> tuple[list[int], str]:
         text = render_teacher_prompt(fmt, problem, feedback=fb, solution=sol, templates=templates,
-                                     placement=placement, attempt=attempt, solved_reply=solved_reply)
+                                     placement=placement, attempt=attempt, solved_reply=solved_reply,
+                                     controls=controls)
         return encode(text), text
 
     tokens, text = attempt_fit(feedback, solution)

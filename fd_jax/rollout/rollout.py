@@ -29,6 +29,7 @@ from fd_jax.rl import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.config.schema import EpisodeConfig, RolloutConfig
+from fd_jax.data.control import tokenizer_controls
 from fd_jax.data.reprompt import build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.rollout.sample import SampledChunk, sample_chunks
@@ -293,9 +294,11 @@ def _teacher_prompts(
     fmt: PromptFormat,
     encode: Callable[[str], list[int]],
     config: RolloutConfig,
+    controls: Sequence[str] | None = None,
 ) -> tuple[list[list[int]], list[str | None], np.ndarray, int]:
     """Per row: teacher prompt ids (the student prompt when there is no context), the reprompt text or
-    None, distill_mask_B, and how many reprompts had their feedback truncated."""
+    None, distill_mask_B, and how many reprompts had their feedback truncated. controls: the tokenizer's
+    control strings, broken in the untrusted feedback / attempt / sibling texts (`build_reprompt`)."""
     G = config.num_generations
     prompts, contexts, distill_B, cut = [], [], np.zeros(len(s.tasks), np.float32), 0
     for b in range(len(s.tasks)):
@@ -314,7 +317,7 @@ def _teacher_prompts(
             reprompt = build_reprompt(fmt, problems[p], feedback=feedback, solution=solution, encode=encode,
                                       templates=config.templates, max_len=config.max_reprompt_len,
                                       placement=config.context_placement, attempt=s.texts[b],
-                                      solved_reply=solved_reply)
+                                      solved_reply=solved_reply, controls=controls)
         if reprompt is None:
             prompts.append(student_prompts[p])
             contexts.append(None)
@@ -374,7 +377,8 @@ def run_rollout(
     rewards_B = np.array([v.reward for v in s.verdicts], np.float32)
     advantages_B = group_advantages(rewards_B.reshape(P, G), scale=config.scale_rewards).reshape(B)
     teacher_prompts, contexts, distill_B, reprompts_cut = _teacher_prompts(
-        problems, student_prompts, s, fmt=fmt, encode=encode, config=config
+        problems, student_prompts, s, fmt=fmt, encode=encode, config=config,
+        controls=tokenizer_controls(tokenizer),
     )
     batch = pack_train_batch(
         student_prompts=[student_prompts[b // G] for b in range(B)],

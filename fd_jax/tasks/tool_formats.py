@@ -36,40 +36,17 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from fd_jax.data.control import neutralize, tokenizer_controls  # noqa: F401  (neutralize: re-exported)
+
 SENTINEL = "FDJAXTURN7f3a9c"  # stands for the model's turn when rendering what follows it
 _FENCE = "```"
-# Splits a control string so it is neither its token nor its text. A plain space, which every tokenizer
-# encodes (a zero-width space is <unk> in a character or SentencePiece vocabulary without byte fallback).
-_BREAK = " "
-
-
-def neutralize(text: str, controls: Sequence[str]) -> str:
-    """`text` with every occurrence of a control string (a special token's text, a call or result tag)
-    broken by a space after its first character (`<|im_end|>` -> `< |im_end|>`), so that text from a tool
-    (or the model) encodes as plain characters and cannot be read as the environment's scaffolding: a
-    tool result that echoes `<|im_end|>` or `</result>` cannot end the result or open a turn. Idempotent."""
-    controls = sorted({c for c in controls if len(c) > 1}, key=len, reverse=True)
-    if not controls:
-        return text
-    pattern = "|".join(re.escape(c) for c in controls)
-    return re.sub(pattern, lambda m: m[0][0] + _BREAK + m[0][1:], text)
 
 
 def control_strings(tool_format: Any, tokenizer: Any = None) -> list[str]:
     """The strings only the environment may write into a transcript: the tokenizer's special and added
-    tokens (chat markers such as `<|im_end|>`, Qwen's `<tool_response>`) and the format's call and result
-    tags."""
-    out = list(getattr(tool_format, "markers", ()))
-    if tokenizer is not None:
-        out += [str(t) for t in getattr(tokenizer, "all_special_tokens", ())]
-        added = getattr(tokenizer, "get_added_vocab", None)
-        # Added tokens that are markup (`<tool_call>`, `[TOOL_RESULTS]`), not the whitespace runs or word
-        # pieces some vocabularies add, which are ordinary text.
-        out += [t for t in (added() if callable(added) else ()) if t.strip() == t and _MARKUP.search(t)]
-    return sorted(set(out))
-
-
-_MARKUP = re.compile(r"[<>\[\]|]")
+    markup tokens (chat markers such as `<|im_end|>`, Qwen's `<tool_response>`; `tokenizer_controls`) and
+    the format's call and result tags."""
+    return sorted(set(getattr(tool_format, "markers", ())) | set(tokenizer_controls(tokenizer)))
 
 
 def _fenced(text: str, index: int) -> bool:

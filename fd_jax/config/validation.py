@@ -44,7 +44,8 @@ _MINIMUM = {
     "checkpoint.every_steps": 0, "checkpoint.max_to_keep": 1, "log.every_steps": 1, "log.plot_every_steps": 1,
     "eval.every_steps": 0, "eval.num_problems": 1, "eval.n": 1, "eval.max_new_tokens": 1,
     "data.num_problems": 0, "data.num_shots": 0, "lean.workers": 0, "feedback.max_concurrency": 1,
-    "log.teacher_diagnostics_first_k": 1, "preflight_problems": 0,
+    "log.teacher_diagnostics_first_k": 1, "log.teacher_diagnostics_every_steps": 1,
+    "preflight_problems": 0,
 }  # fmt: skip
 
 

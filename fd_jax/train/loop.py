@@ -361,7 +361,9 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                                             next_data_state)
             train_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
-            diagnosed = _diagnose(diagnose, state, batch, rollout, run.mesh, pad_id)  # before the step moves θ, φ
+            due = step % cfg.log.teacher_diagnostics_every_steps == 0
+            # Before the step moves θ and φ.
+            diagnosed = _diagnose(diagnose if due else None, state, batch, rollout, run.mesh, pad_id)
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)

@@ -99,6 +99,7 @@ def _smoke(**overrides):
     ({"num_iterations": 0}, "config.num_iterations = 0: must be an integer >= 1"),
     ({"step__token_chunk": 0}, "config.step.token_chunk = 0: must be a positive block size"),
     ({"data__num_shots": -1}, "config.data.num_shots = -1: must be an integer >= 0"),
+    ({"log__teacher_diagnostics_every_steps": 0}, "config.log.teacher_diagnostics_every_steps = 0: must be an integer >= 1"),
     ({"data__task": "lean", "data__path": __file__, "data__prompt_format": "lean_chat", "data__num_shots": 2},
      "config.data.num_shots = 2: worked examples exist for data.task=arithmetic only"),
     ({"data__prompt_template": "{question}"}, "config.data.prompt_template = '{question}': template field {question} is not one of"),

@@ -187,9 +187,11 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(common, tmp_path):
 
 def test_fd_then_grpo_hands_the_fd_policy_to_the_grpo_stage(common, tmp_path):
     _run(tmp_path, *common, "--config.algorithm=fd_then_grpo", "--config.total_steps=4", "--config.fd_steps=2",
-         "--config.num_iterations=2")
+         "--config.num_iterations=2", "--config.log.teacher_diagnostics_every_steps=2")
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["stage"]) for r in records] == [(1, "fd"), (2, "fd"), (3, "grpo"), (4, "grpo")]
+    # teacher/* on every 2nd FD step only; GRPO has no teacher to diagnose.
+    assert ["teacher/entropy" in r for r in records] == [False, True, False, False]
     assert all("fd_loss" in r for r in records[:2]) and not any("fd_loss" in r for r in records[2:])
     assert all("grpo_loss" in r and r.get("feedback/requests") is None for r in records[2:])
     # num_iterations=2: the second update of a batch reuses the sampler's log-probs after the first

@@ -37,6 +37,10 @@ def openai_answer(text: str, prompt_tokens: int = 100, completion_tokens: int = 
     }
 
 
+class _Backlogged(http.server.ThreadingHTTPServer):
+    request_queue_size = 64  # room for every concurrent client of these tests (socketserver's default is 5)
+
+
 class LoopbackServer:
     """A real HTTP server on 127.0.0.1:0. `respond(i, path, body) -> (status, headers, payload, delay_s)` is
     called for request i; every request is recorded with server-side start and end times."""
@@ -74,7 +78,7 @@ class LoopbackServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Backlogged(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
@@ -160,13 +164,24 @@ def test_stalling_server_falls_back_to_lean_errors_within_time_bound(serve):
 
 
 def test_eight_concurrent_requests_overlap(serve):
-    server = serve(lambda i, p, b: (200, {}, openai_answer(f"hint {i}"), 0.3))
-    provider = openai(server, max_concurrency=8)
+    # Each request is held in the server until all eight are inside it at once: a client that sends them one
+    # (or a few) at a time leaves the barrier broken after its timeout, whatever the machine's speed. The
+    # client's own timeout is generous and retries are off, so load cannot turn into a retried, late request.
+    arrived = threading.Barrier(8, timeout=30)
+
+    def respond(i, path, body):
+        try:
+            arrived.wait()
+        except threading.BrokenBarrierError:
+            return 500, {}, {"error": "requests were not concurrent"}, 0
+        return 200, {}, openai_answer(f"hint {i}"), 0
+
+    server = serve(respond)
+    provider = openai(server, max_concurrency=8, timeout_s=60, max_retries=0)
     requests = [FeedbackRequest(REQUEST.statement, CODE + f"-- try {k}\n", MESSAGES) for k in range(8)]
     texts = provider.feedback(requests)
+    assert not arrived.broken
     assert len(server.records) == 8 and all(t.startswith("hint ") for t in texts)
-    # All eight were in the server at the same moment: the last one arrived before the first one finished.
-    assert max(r.start for r in server.records) < min(r.end for r in server.records)
 
 
 def test_concurrency_limit_holds_across_concurrent_calls(serve):

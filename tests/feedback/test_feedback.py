@@ -185,8 +185,26 @@ def test_eight_concurrent_requests_overlap(serve):
 
 
 def test_concurrency_limit_holds_across_concurrent_calls(serve):
-    server = serve(lambda i, p, b: (200, {}, openai_answer("h"), 0.15))
-    provider = openai(server, max_concurrency=2)
+    # Requests pair up at a barrier (so two are in flight together, on any machine) while a counter taken
+    # on arrival records the most that were ever inside the server at once.
+    paired = threading.Barrier(2, timeout=30)
+    lock = threading.Lock()
+    inside = SimpleNamespace(now=0, most=0)
+
+    def respond(i, path, body):
+        with lock:
+            inside.now += 1
+            inside.most = max(inside.most, inside.now)
+        try:
+            paired.wait()
+            time.sleep(0.05)  # give a third request, were it let through, the time to arrive
+        finally:
+            with lock:
+                inside.now -= 1
+        return 200, {}, openai_answer("h"), 0
+
+    server = serve(respond)
+    provider = openai(server, max_concurrency=2, timeout_s=60, max_retries=0)
     # Two rollout chunks asking at the same time share the provider's limit.
     calls = [threading.Thread(target=provider.feedback,
                               args=([FeedbackRequest("s", f"attempt {c}{k}", MESSAGES) for k in range(2)],))
@@ -195,9 +213,7 @@ def test_concurrency_limit_holds_across_concurrent_calls(serve):
         t.start()
     for t in calls:
         t.join()
-    events = sorted([(r.start, 1) for r in server.records] + [(r.end, -1) for r in server.records])
-    in_flight = max(sum(e for _, e in events[: k + 1]) for k in range(len(events)))
-    assert len(server.records) == 4 and in_flight == 2
+    assert len(server.records) == 4 and not paired.broken and inside.most == 2
 
 
 def test_anthropic_messages_api(serve):

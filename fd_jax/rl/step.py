@@ -91,7 +91,8 @@ def _bucket_rows(n: int) -> int:
 PACKINGS = ("auto", "groups", "rows")
 
 
-def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto") -> dict:
+def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
+                   floor: dict | None = None) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
@@ -104,6 +105,11 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
       most suffix tokens of a prefix, a power of two): the padding of short completions to C is not computed;
     * `rows`: J = B, M = C: one packed row per batch row (the batch's own layout);
     * `auto`: `groups` where it runs fewer tokens (J x M) than `rows`.
+
+    `floor` (mutable, one per sequence family and train step) holds the largest prefix count, prefix length
+    and packed width used so far, and whether `rows` was ever chosen: shapes never shrink below it, so the
+    programs of a run are a short ladder of growing shapes, not every combination the data visit (each a
+    new XLA compilation of the whole step).
 
     Returns numpy arrays: tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all
     padding, position -1); prefix_J: the prefix row of each packed row; tokens_JM / positions_JM: the packed
@@ -121,7 +127,9 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) for b in range(B)],
                      np.int32)
     first = {r: b for b, r in reversed(list(enumerate(row_B)))}
-    rows, length = _bucket_rows(len(ids)), bucket_length(max(1, int(prefix_len_B.max())), multiple)
+    floor = {} if floor is None else floor
+    rows = max(_bucket_rows(len(ids)), floor.get("rows", 0))
+    length = max(bucket_length(max(1, int(prefix_len_B.max())), multiple), floor.get("length", 0))
     tokens_RT = np.zeros((rows, length), tokens_BS.dtype)
     positions_RT = np.full((rows, length), -1, np.int32)
     for r, b in first.items():
@@ -130,8 +138,11 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
         positions_RT[r, :n] = np.arange(n)
     real_BC = mask_BC > 0
     per_prefix = np.bincount(row_B, weights=real_BC.sum(1), minlength=rows)
-    m_groups = _bucket_rows(max(1, int(per_prefix.max())))
-    if packing == "groups" or (packing == "auto" and rows * m_groups < B * C):
+    m_groups = max(_bucket_rows(max(1, int(per_prefix.max()))), floor.get("m", 0))
+    grouped = packing == "groups" or (packing == "auto" and not floor.get("rows_layout") and rows * m_groups < B * C)
+    floor.update(rows=rows, length=length, m=m_groups if grouped else floor.get("m", 0),
+                 rows_layout=floor.get("rows_layout", False) or not grouped)
+    if grouped:
         members = [[(b, c) for b in np.flatnonzero(row_B == r) for c in np.flatnonzero(real_BC[b])]
                    for r in range(rows)]
         prefix_J, m = np.arange(rows, dtype=np.int32), m_groups
@@ -150,13 +161,17 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
             "positions_JM": positions_JM, "row_JM": row_JM, "col_JM": col_JM}
 
 
-def shared_prompt_inputs(batch: dict, *, packing: str = "auto") -> dict:
-    """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`."""
+def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None) -> dict:
+    """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
+
+    `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none."""
     out = {}
+    floors = {} if floors is None else floors
     mask_BC = np.asarray(batch["completion_mask_BC"])
     for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
                                     "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
-        layout = _prefix_layout(batch[tokens], batch[index], mask_BC, packing=packing)
+        layout = _prefix_layout(batch[tokens], batch[index], mask_BC, packing=packing,
+                                floor=floors.setdefault(family, {}))
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
     return out
 
@@ -492,6 +507,7 @@ def make_train_step(
         return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics
 
     compiled: dict = {}
+    floors: dict = {}  # share_prompts: the shared-prompt layout's shapes never shrink within this step's run
 
     def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # The new state keeps the shardings of the old one. Left to propagation, XLA may pick other layouts
@@ -502,7 +518,7 @@ def make_train_step(
             state)
         token_axes = token_axes_of(batch)
         if _uses_shared_prompts(cfg, token_axes):
-            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **shared_prompt_inputs(jax.device_get(batch))}
+            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **shared_prompt_inputs(jax.device_get(batch), floors=floors)}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
             compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,

@@ -340,8 +340,32 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("packing", ["groups", "rows"])
-def test_shared_prefix_hidden_states_equal_full_forward(setup, packing):
+def test_shared_prompt_shapes_never_shrink_within_a_run():
+    """The layout's shapes follow the data (distinct prompts, prompt length, packed width); with the step's
+    `floors` a later batch that needs less keeps the shapes already compiled instead of a new program."""
+    from fd_jax.rl.step import shared_prompt_inputs
+
+    def shapes(layout):
+        return {k: v.shape for k, v in layout.items()}
+
+    big = _grouped_batch()
+    # The same rows whose teachers saw no context: 3 distinct teacher prompts instead of 6.
+    small = {**big, "teacher_tokens_BU": big["student_tokens_BS"], "teacher_index_BC": big["student_index_BC"]}
+    def changes(floors):
+        seen = [shapes(shared_prompt_inputs(b, floors=floors)) for b in (big, small, big, small, big)]
+        return sum(a != b for a, b in zip(seen, seen[1:]))
+
+    assert changes(None) == 4  # without floors every alternation is a new shape (a compiled program)
+    floors: dict = {}
+    # With them at most one change: here the teacher's layout turns from grouped to one row per completion
+    # once (8 prefix rows x 16 > 9 rows x 8 tokens) and stays so.
+    assert changes(floors) == 1
+    assert floors["teacher"]["rows"] == 8 and floors["teacher"]["rows_layout"] and floors["student"]["rows"] == 4
+
+
+@pytest.mark.parametrize("packing,floor", [("groups", None), ("rows", None),
+                                           ("auto", {"rows": 16, "length": 40, "m": 32})])
+def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor):
     """Either packing of the suffix tokens (a prompt's completions back to back in one row, or one row per
     completion) gives the hidden states of one full forward per row at every completion position, and zeros
     where the completion mask is 0 (oracle: `hidden_states` over prompt + completion, gathered)."""
@@ -349,7 +373,10 @@ def test_shared_prefix_hidden_states_equal_full_forward(setup, packing):
 
     graphdef, params, _ = setup
     batch = _grouped_batch()
-    mb = {**batch, **shared_prompt_inputs(batch, packing=packing)}
+    floors = None if floor is None else {"teacher": dict(floor)}  # shapes held above what the batch needs
+    mb = {**batch, **shared_prompt_inputs(batch, packing=packing, floors=floors)}
+    if floor is not None:
+        assert mb["prefix/teacher/tokens_RT"].shape == (16, 40)
     model = nnx.merge(graphdef, params)
     packed_BCD = jax.jit(lambda mb: _shared_prefix_hidden(model, mb, "teacher", batch["completion_mask_BC"].shape))(mb)
     full_BTD = model.hidden_states(jnp.asarray(batch["teacher_tokens_BU"]), jnp.asarray(batch["teacher_positions_BU"]))

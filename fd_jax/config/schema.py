@@ -29,6 +29,7 @@ NOT_IN_CONFIG = object()
 
 # Allowed values that name a registry elsewhere (kernels, losses); those modules check that they agree.
 TEACHERS = ("ema", "live", "base")
+PROMPT_PACKINGS = ("rows", "groups", "auto")  # `step.prompt_packing`: `fd_jax.rl.step._prefix_layout`
 KERNEL_PASSES = ("auto", "one", "two")
 KERNEL_BACKENDS = ("auto", "xla", "pallas")
 DISTILL_MODES = ("full", "topk", "sampled_token")
@@ -83,6 +84,11 @@ class StepConfig:
     share_prompts: bool = knob(True, "run each distinct prompt once and only the completions, packed, against "
                                "it (the G samples of a problem share their prompt's keys/values; exact; "
                                "micro_batches 1, one device; others ignore it)")
+    prompt_packing: str = knob("rows", "share_prompts: how the completion tokens are laid out against their "
+                               "prompt's cache. rows: one row per completion, a shape fixed by the batch (one "
+                               "program); groups: a prompt's completions back to back (skips the padding of "
+                               "short completions, but its width follows the data: a new program each time it "
+                               "grows); auto: groups where it runs fewer tokens", choices=PROMPT_PACKINGS)
     alpha: float = knob(1.0, "divergence: 0 forward KL, 1 reverse KL, between: generalized JSD",
                         check=(lambda a: 0.0 <= a <= 1.0, "must be in [0, 1] (0 forward KL, 1 reverse KL)"))
     distill_mode: str = knob("full", "support: full | topk | sampled_token", choices=DISTILL_MODES)

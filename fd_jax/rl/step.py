@@ -43,7 +43,8 @@ import optax
 from flax import nnx
 
 from fd_jax.rl import losses
-from fd_jax.config.schema import KERNEL_PASSES, TEACHERS, StepConfig  # noqa: F401  (re-exported)
+from fd_jax.config.schema import (KERNEL_PASSES, PROMPT_PACKINGS, TEACHERS,  # noqa: F401  (re-exported)
+                                  StepConfig)
 from fd_jax.kernels import plan as kernel_plan
 from fd_jax.kernels import token_kl, token_loss
 from fd_jax.rl.batch import BATCH_FIELDS
@@ -88,7 +89,7 @@ def _bucket_rows(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-PACKINGS = ("auto", "groups", "rows")
+PACKINGS = PROMPT_PACKINGS
 
 
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
@@ -518,7 +519,8 @@ def make_train_step(
             state)
         token_axes = token_axes_of(batch)
         if _uses_shared_prompts(cfg, token_axes):
-            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **shared_prompt_inputs(jax.device_get(batch), floors=floors)}
+            layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors)
+            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **layout}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
             compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,

@@ -327,17 +327,20 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
     assert [sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []]
     assert layout["prefix/teacher/row_JM"].shape == (8, 8)
     results = []
-    for share in (False, True):
-        c = dataclasses.replace(cfg, share_prompts=share)
+    # One full forward per row; then shared prompts with either packing of the completions (the default,
+    # one row per completion, and a prompt's completions back to back).
+    for c in (dataclasses.replace(cfg, share_prompts=False), dataclasses.replace(cfg, prompt_packing="rows"),
+              dataclasses.replace(cfg, prompt_packing="groups")):
         step, optimizer = cached_step(graphdef, c, sgd=True)
         state, _ = _state(params, c, teacher_seed=5, optimizer=optimizer)
         results.append(step(state, batch))
-    (a, ma), (b, mb) = results
-    for key in ("loss", "grad_norm", "entropy", "kl_mean"):
-        np.testing.assert_allclose(float(mb[key]), float(ma[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+    (a, ma), *shared = results
     assert float(ma["grad_norm"]) > 0
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    for b, mb in shared:
+        for key in ("loss", "grad_norm", "entropy", "kl_mean"):
+            np.testing.assert_allclose(float(mb[key]), float(ma[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
 def test_shared_prompt_shapes_never_shrink_within_a_run():
@@ -351,8 +354,8 @@ def test_shared_prompt_shapes_never_shrink_within_a_run():
     big = _grouped_batch()
     # The same rows whose teachers saw no context: 3 distinct teacher prompts instead of 6.
     small = {**big, "teacher_tokens_BU": big["student_tokens_BS"], "teacher_index_BC": big["student_index_BC"]}
-    def changes(floors):
-        seen = [shapes(shared_prompt_inputs(b, floors=floors)) for b in (big, small, big, small, big)]
+    def changes(floors, packing="auto"):
+        seen = [shapes(shared_prompt_inputs(b, packing=packing, floors=floors)) for b in (big, small, big, small, big)]
         return sum(a != b for a, b in zip(seen, seen[1:]))
 
     assert changes(None) == 4  # without floors every alternation is a new shape (a compiled program)
@@ -361,6 +364,10 @@ def test_shared_prompt_shapes_never_shrink_within_a_run():
     # once (8 prefix rows x 16 > 9 rows x 8 tokens) and stays so.
     assert changes(floors) == 1
     assert floors["teacher"]["rows"] == 8 and floors["teacher"]["rows_layout"] and floors["student"]["rows"] == 4
+    # One row per completion (the step's default packing): the suffix layout is the batch's own [B, C], so
+    # only the prefix rows could change, and the floors hold them: no change at all.
+    assert changes({}, packing="rows") == 0
+    assert changes(None, packing="rows") == 4  # the distinct teacher prompts alone still alternate 8, 4
 
 
 @pytest.mark.parametrize("packing,floor", [("groups", None), ("rows", None),

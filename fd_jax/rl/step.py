@@ -124,21 +124,23 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     tokens_BS, index_BC, mask_BC = map(np.asarray, (tokens_BS, index_BC, mask_BC))
     B, C = index_BC.shape
     prefix_len_B = index_BC[:, 0]
+    real_BC = mask_BC > 0
+    live_B = real_BC.any(1)  # a row without real tokens needs no prefix (its packed tokens are all padding)
     ids: dict[bytes, int] = {}
-    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) for b in range(B)],
-                     np.int32)
-    first = {r: b for b, r in reversed(list(enumerate(row_B)))}
+    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) if live_B[b] else -1
+                      for b in range(B)], np.int32)
+    first = {r: b for b, r in reversed(list(enumerate(row_B))) if r >= 0}
     floor = {} if floor is None else floor
-    rows = max(_bucket_rows(len(ids)), floor.get("rows", 0))
-    length = max(bucket_length(max(1, int(prefix_len_B.max())), multiple), floor.get("length", 0))
+    rows = max(_bucket_rows(max(1, len(ids))), floor.get("rows", 0))
+    longest = int(prefix_len_B[live_B].max()) if live_B.any() else 1
+    length = max(bucket_length(max(1, longest), multiple), floor.get("length", 0))
     tokens_RT = np.zeros((rows, length), tokens_BS.dtype)
     positions_RT = np.full((rows, length), -1, np.int32)
     for r, b in first.items():
         n = prefix_len_B[b]
         tokens_RT[r, :n] = tokens_BS[b, :n]
         positions_RT[r, :n] = np.arange(n)
-    real_BC = mask_BC > 0
-    per_prefix = np.bincount(row_B, weights=real_BC.sum(1), minlength=rows)
+    per_prefix = np.bincount(row_B[live_B], weights=real_BC[live_B].sum(1), minlength=rows)
     m_groups = max(_bucket_rows(max(1, int(per_prefix.max()))), floor.get("m", 0))
     grouped = packing == "groups" or (packing == "auto" and not floor.get("rows_layout") and rows * m_groups < B * C)
     floor.update(rows=rows, length=length, m=m_groups if grouped else floor.get("m", 0),
@@ -149,7 +151,7 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
         prefix_J, m = np.arange(rows, dtype=np.int32), m_groups
     else:
         members = [[(b, c) for c in np.flatnonzero(real_BC[b])] for b in range(B)]
-        prefix_J, m = row_B, C
+        prefix_J, m = np.maximum(row_B, 0), C  # a row without real tokens: any prefix, all padding
     tokens_JM = np.zeros((len(members), m), tokens_BS.dtype)
     positions_JM = np.full((len(members), m), -1, np.int32)
     row_JM = np.full((len(members), m), -1, np.int32)
@@ -165,21 +167,26 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
 def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
-    `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none."""
+    `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.
+
+    The teacher's layout holds only the rows that take the FD loss (`distill_mask_B`): every use of the
+    teacher's states is weighted by it, so the others' (zeros) never count. This also bounds its number of
+    distinct prompts: rows without a context (their teacher prompt is the student's) add none."""
     out = {}
     floors = {} if floors is None else floors
     mask_BC = np.asarray(batch["completion_mask_BC"])
+    masks = {"student": mask_BC, "teacher": mask_BC * (np.asarray(batch["distill_mask_B"])[:, None] > 0)}
     for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
                                     "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
-        layout = _prefix_layout(batch[tokens], batch[index], mask_BC, packing=packing,
+        layout = _prefix_layout(batch[tokens], batch[index], masks[family], packing=packing,
                                 floor=floors.setdefault(family, {}))
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
     return out
 
 
 def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
-    """[B, C, D] final hidden states at the positions that predict the completion (zeros where the completion
-    mask is 0), computed as: each distinct prompt prefix once (R rows) into a KV cache, the cache gathered to
+    """[B, C, D] final hidden states at the positions that predict the completion (zeros where the layout's
+    mask was 0: padding, and for the teacher the rows that take no FD loss), computed as: each distinct prompt prefix once (R rows) into a KV cache, the cache gathered to
     the J packed rows, then only the packed suffix tokens against it (`_prefix_layout`), each attending to
     its prefix and to the earlier suffix tokens of its own batch row. Equal to `hidden_states` gathered at
     the index (up to float rounding); the G samples of a problem share their prompt's forward (and backward)

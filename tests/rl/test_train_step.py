@@ -290,7 +290,8 @@ def test_batch_padded_by_its_own_rules_trains_the_same(setup):
 
 def _grouped_batch(problems=3, generations=3, seed=7):
     """P problems x G samples: the G rows of a problem share the student prompt; their teacher prompts take
-    two values per problem (a demonstration, or none: the student prompt), as run_rollout builds them."""
+    two values per problem (a demonstration, or none: the student prompt, and then no FD loss), as
+    run_rollout builds them."""
     rng = np.random.default_rng(seed)
     student, teacher, completions = [], [], []
     for _ in range(problems):
@@ -304,7 +305,8 @@ def _grouped_batch(problems=3, generations=3, seed=7):
     batch = pack_train_batch(
         student_prompts=student, teacher_prompts=teacher, completions=completions,
         old_logprobs=[list(rng.normal(-4.0, 0.3, len(c))) for c in completions], rewards_B=np.zeros(rows),
-        advantages_B=rng.normal(size=rows), distill_mask_B=np.ones(rows), pad_id=0, pad_multiple=8)
+        advantages_B=rng.normal(size=rows), distill_mask_B=np.array([t != p for t, p in zip(teacher, student)], float),
+        pad_id=0, pad_multiple=8)
     return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
 
 
@@ -322,10 +324,11 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
     layout = shared_prompt_inputs(batch)
     assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 distinct prompts, padded to a power of two
     # A prompt's completions back to back in one packed row (4 x 16 tokens < 9 rows x C = 8): the padding of
-    # short completions is not computed. The teacher's 6 distinct prompts: 8 packed rows of <= 8 tokens.
+    # short completions is not computed. The teacher holds only the 6 rows that take the FD loss, with their
+    # 3 distinct prompts (the others' teacher prompt is the student's and is not run): 4 packed rows.
     assert layout["prefix/student/row_JM"].shape == (4, 16)
     assert [sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []]
-    assert layout["prefix/teacher/row_JM"].shape == (8, 8)
+    assert [sorted(set(r) - {-1}) for r in layout["prefix/teacher/row_JM"]] == [[1, 2], [4, 5], [7, 8], []]
     results = []
     # One full forward per row; then shared prompts with either packing of the completions (the default,
     # one row per completion, and a prompt's completions back to back).
@@ -352,6 +355,7 @@ def test_shared_prompt_shapes_never_shrink_within_a_run():
         return {k: v.shape for k, v in layout.items()}
 
     big = _grouped_batch()
+    big["distill_mask_B"] = np.ones_like(big["distill_mask_B"])  # every row's teacher runs: 6 distinct prompts
     # The same rows whose teachers saw no context: 3 distinct teacher prompts instead of 6.
     small = {**big, "teacher_tokens_BU": big["student_tokens_BS"], "teacher_index_BC": big["student_index_BC"]}
     def changes(floors, packing="auto"):
@@ -374,8 +378,8 @@ def test_shared_prompt_shapes_never_shrink_within_a_run():
                                            ("auto", {"rows": 16, "length": 40, "m": 32})])
 def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor):
     """Either packing of the suffix tokens (a prompt's completions back to back in one row, or one row per
-    completion) gives the hidden states of one full forward per row at every completion position, and zeros
-    where the completion mask is 0 (oracle: `hidden_states` over prompt + completion, gathered)."""
+    completion) gives the hidden states of one full forward per row at every completion position of the rows
+    that take the FD loss, and zeros elsewhere (oracle: `hidden_states` over prompt + completion, gathered)."""
     from fd_jax.rl.step import _shared_prefix_hidden, shared_prompt_inputs
 
     graphdef, params, _ = setup
@@ -388,8 +392,10 @@ def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor):
     packed_BCD = jax.jit(lambda mb: _shared_prefix_hidden(model, mb, "teacher", batch["completion_mask_BC"].shape))(mb)
     full_BTD = model.hidden_states(jnp.asarray(batch["teacher_tokens_BU"]), jnp.asarray(batch["teacher_positions_BU"]))
     expected_BCD = jnp.take_along_axis(full_BTD, jnp.asarray(batch["teacher_index_BC"])[:, :, None], axis=1)
-    mask_BC1 = batch["completion_mask_BC"][:, :, None]
+    counted_BC = batch["completion_mask_BC"] * batch["distill_mask_B"][:, None]
+    assert 0 < counted_BC.sum() < batch["completion_mask_BC"].sum()
+    mask_BC1 = counted_BC[:, :, None]
     np.testing.assert_allclose(np.asarray(packed_BCD) * mask_BC1, np.asarray(expected_BCD) * mask_BC1,
                                rtol=1e-5, atol=1e-5)
-    assert np.all(np.asarray(packed_BCD)[batch["completion_mask_BC"] == 0] == 0)
+    assert np.all(np.asarray(packed_BCD)[counted_BC == 0] == 0)
     assert np.abs(np.asarray(expected_BCD) * mask_BC1).max() > 0.1

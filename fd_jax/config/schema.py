@@ -84,11 +84,15 @@ class StepConfig:
     share_prompts: bool = knob(True, "run each distinct prompt once and only the completions, packed, against "
                                "it (the G samples of a problem share their prompt's keys/values; exact; "
                                "micro_batches 1, one device; others ignore it)")
-    prompt_packing: str = knob("rows", "share_prompts: how the completion tokens are laid out against their "
-                               "prompt's cache. rows: one row per completion, a shape fixed by the batch (one "
-                               "program); groups: a prompt's completions back to back (skips the padding of "
-                               "short completions, but its width follows the data: a new program each time it "
-                               "grows); auto: groups where it runs fewer tokens", choices=PROMPT_PACKINGS)
+    prompt_packing: str = knob("auto", "share_prompts: how the completion tokens are laid out against their "
+                               "prompt's cache. auto: whole completions of a prompt back to back in a frame of "
+                               "rows of 2C tokens whose shape the batch fixes (packing_frame), else one row per "
+                               "completion: two programs at most; rows: one row per completion; groups: one "
+                               "row per prompt, its width following the data (a new program each time it "
+                               "grows)", choices=PROMPT_PACKINGS)
+    packing_frame: float = knob(0.5, "prompt_packing=auto: the frame's size as a share of the batch's completion "
+                                "slots (rows x C); a batch whose completions need more runs one row per "
+                                "completion", check=(lambda f: 0.0 < f < 1.0, "must be in (0, 1)"))
     alpha: float = knob(1.0, "divergence: 0 forward KL, 1 reverse KL, between: generalized JSD",
                         check=(lambda a: 0.0 <= a <= 1.0, "must be in [0, 1] (0 forward KL, 1 reverse KL)"))
     distill_mode: str = knob("full", "support: full | topk | sampled_token", choices=DISTILL_MODES)

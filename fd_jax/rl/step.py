@@ -93,7 +93,7 @@ PACKINGS = PROMPT_PACKINGS
 
 
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
-                   floor: dict | None = None) -> dict:
+                   floor: dict | None = None, frame_fraction: float = 0.5) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
@@ -102,15 +102,18 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     completion but its last token, where mask_BC is 1) are packed into J rows of M tokens, each packed row
     attending to one prefix row's cache:
 
-    * `groups`: J = R, one packed row per prefix holding the suffixes of all its rows back to back (M = the
-      most suffix tokens of a prefix, a power of two): the padding of short completions to C is not computed;
     * `rows`: J = B, M = C: one packed row per batch row (the batch's own layout);
-    * `auto`: `groups` where it runs fewer tokens (J x M) than `rows`.
+    * `groups`: J = R, one packed row per prefix holding the suffixes of all its rows back to back (M = the
+      most suffix tokens of a prefix, a power of two): the padding of short completions to C is not
+      computed, but M follows the data;
+    * `auto`: a frame whose shape the batch fixes, J = max(R, frame_fraction x B x C / M) rows of M = 2C
+      tokens, each holding whole suffixes of one prefix (first fit, longest first); where they do not fit,
+      `rows`. A run then compiles two programs at most (per prefix shape), and one when every batch fits.
 
-    `floor` (mutable, one per sequence family and train step) holds the largest prefix count, prefix length
-    and packed width used so far, and whether `rows` was ever chosen: shapes never shrink below it, so the
-    programs of a run are a short ladder of growing shapes, not every combination the data visit (each a
-    new XLA compilation of the whole step).
+    `floor` (mutable, one per sequence family and train step) holds the largest prefix count and prefix
+    length used so far (and `groups`' widest M): shapes never shrink below it, so the programs of a run are a
+    short ladder of growing shapes, not every combination the data visit (each a new XLA compilation of the
+    whole step).
 
     Returns numpy arrays: tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all
     padding, position -1); prefix_J: the prefix row of each packed row; tokens_JM / positions_JM: the packed
@@ -141,15 +144,20 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
         tokens_RT[r, :n] = tokens_BS[b, :n]
         positions_RT[r, :n] = np.arange(n)
     per_prefix = np.bincount(row_B[live_B], weights=real_BC[live_B].sum(1), minlength=rows)
-    m_groups = max(_bucket_rows(max(1, int(per_prefix.max()))), floor.get("m", 0))
-    grouped = packing == "groups" or (packing == "auto" and not floor.get("rows_layout") and rows * m_groups < B * C)
-    floor.update(rows=rows, length=length, m=m_groups if grouped else floor.get("m", 0),
-                 rows_layout=floor.get("rows_layout", False) or not grouped)
-    if grouped:
+    floor.update(rows=rows, length=length)
+    members = None
+    if packing == "groups":
+        m = floor["m"] = max(_bucket_rows(max(1, int(per_prefix.max()))), floor.get("m", 0))
         members = [[(b, c) for b in np.flatnonzero(row_B == r) for c in np.flatnonzero(real_BC[b])]
                    for r in range(rows)]
-        prefix_J, m = np.arange(rows, dtype=np.int32), m_groups
-    else:
+        prefix_J = np.arange(rows, dtype=np.int32)
+    elif packing == "auto":
+        m, frames = 2 * C, max(rows, -(-int(frame_fraction * B * C) // (2 * C)))
+        bins = _first_fit(row_B, real_BC.sum(1), m, frames) if frames * m < B * C else None
+        if bins is not None:
+            members = [[(b, c) for b in rows_ for c in np.flatnonzero(real_BC[b])] for _, rows_ in bins]
+            prefix_J = np.array([r for r, _ in bins], np.int32)
+    if members is None:  # `rows`, or `auto` where the frame does not hold the batch
         members = [[(b, c) for c in np.flatnonzero(real_BC[b])] for b in range(B)]
         prefix_J, m = np.maximum(row_B, 0), C  # a row without real tokens: any prefix, all padding
     tokens_JM = np.zeros((len(members), m), tokens_BS.dtype)
@@ -164,7 +172,28 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
             "positions_JM": positions_JM, "row_JM": row_JM, "col_JM": col_JM}
 
 
-def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None) -> dict:
+def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list[int]]] | None:
+    """Whole batch rows into `frames` bins of `width` tokens, each bin one prefix's rows (first fit, longest
+    first): [(prefix, rows)] padded with empty bins to `frames`, or None where they need more bins."""
+    bins: list[tuple[int, list[int]]] = []
+    for r in np.unique(row_B[row_B >= 0]):
+        free: list[int] = []
+        start = len(bins)
+        for b in sorted(np.flatnonzero(row_B == r), key=lambda b: -tokens_B[b]):
+            j = next((j for j, f in enumerate(free) if f >= tokens_B[b]), None)
+            if j is None:
+                bins.append((int(r), []))
+                free.append(width)
+                j = len(free) - 1
+            bins[start + j][1].append(int(b))
+            free[j] -= int(tokens_B[b])
+        if len(bins) > frames:
+            return None
+    return bins + [(0, [])] * (frames - len(bins))
+
+
+def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None,
+                         frame_fraction: float = 0.5) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
     `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.
@@ -179,7 +208,7 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
                                     "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
         layout = _prefix_layout(batch[tokens], batch[index], masks[family], packing=packing,
-                                floor=floors.setdefault(family, {}))
+                                floor=floors.setdefault(family, {}), frame_fraction=frame_fraction)
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
     return out
 
@@ -526,7 +555,8 @@ def make_train_step(
             state)
         token_axes = token_axes_of(batch)
         if _uses_shared_prompts(cfg, token_axes):
-            layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors)
+            layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors,
+                                          frame_fraction=cfg.packing_frame)
             batch = {**{k: batch[k] for k in BATCH_FIELDS}, **layout}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:

@@ -330,10 +330,10 @@ def test_shared_prompts_give_the_same_step(setup, cfg):
     assert [sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []]
     assert [sorted(set(r) - {-1}) for r in layout["prefix/teacher/row_JM"]] == [[1, 2], [4, 5], [7, 8], []]
     results = []
-    # One full forward per row; then shared prompts with either packing of the completions (the default,
-    # one row per completion, and a prompt's completions back to back).
-    for c in (dataclasses.replace(cfg, share_prompts=False), dataclasses.replace(cfg, prompt_packing="rows"),
-              dataclasses.replace(cfg, prompt_packing="groups")):
+    # One full forward per row; then shared prompts with the completions in the default frame (a prompt's
+    # completions back to back) and one row per completion.
+    for c in (dataclasses.replace(cfg, share_prompts=False), dataclasses.replace(cfg, prompt_packing="auto"),
+              dataclasses.replace(cfg, prompt_packing="rows")):
         step, optimizer = cached_step(graphdef, c, sgd=True)
         state, _ = _state(params, c, teacher_seed=5, optimizer=optimizer)
         results.append(step(state, batch))
@@ -362,20 +362,44 @@ def test_shared_prompt_shapes_never_shrink_within_a_run():
         seen = [shapes(shared_prompt_inputs(b, packing=packing, floors=floors)) for b in (big, small, big, small, big)]
         return sum(a != b for a, b in zip(seen, seen[1:]))
 
-    assert changes(None) == 4  # without floors every alternation is a new shape (a compiled program)
-    floors: dict = {}
-    # With them at most one change: here the teacher's layout turns from grouped to one row per completion
-    # once (8 prefix rows x 16 > 9 rows x 8 tokens) and stays so.
-    assert changes(floors) == 1
-    assert floors["teacher"]["rows"] == 8 and floors["teacher"]["rows_layout"] and floors["student"]["rows"] == 4
-    # One row per completion (the step's default packing): the suffix layout is the batch's own [B, C], so
-    # only the prefix rows could change, and the floors hold them: no change at all.
-    assert changes({}, packing="rows") == 0
-    assert changes(None, packing="rows") == 4  # the distinct teacher prompts alone still alternate 8, 4
+    for packing in ("auto", "groups", "rows"):  # without floors every alternation is a new shape (a program)
+        assert changes(None, packing) == 4, packing
+    # With them the teacher's prefix rows stay at 8: the frame (`auto`) and one row per completion (`rows`)
+    # then keep one shape; `groups` grows its packed width once (the short batch's prompts hold more tokens).
+    for packing, expected in (("auto", 0), ("rows", 0), ("groups", 1)):
+        floors: dict = {}
+        assert changes(floors, packing) == expected, packing
+        assert floors["teacher"]["rows"] == 8 and floors["student"]["rows"] == 4
 
 
-@pytest.mark.parametrize("packing,floor", [("groups", None), ("rows", None),
-                                           ("auto", {"rows": 16, "length": 40, "m": 32})])
+def test_shared_prompt_frame_shape_is_fixed_by_the_batch():
+    """`auto` packs whole completions of a prompt into a frame whose shape follows from the batch's (B, C)
+    and prefix rows, not from the completions' lengths; a batch that does not fit runs one row per
+    completion (the only other shape)."""
+    from fd_jax.rl.step import _prefix_layout
+
+    rng = np.random.default_rng(0)
+    B, C, G = 16, 8, 4
+    tokens_BS = np.repeat(rng.integers(1, 50, (B // G, 9 + C)), G, axis=0)  # 4 prompts of 9 tokens, G rows each
+    index_BC = 9 + np.arange(C)[None, :].repeat(B, 0)
+    seen = set()
+    for lengths in (rng.integers(1, 5, B), rng.integers(1, 5, B), np.full(B, 4), np.r_[np.full(B - 1, 1), 8]):
+        mask_BC = (np.arange(C)[None, :] < lengths[:, None]).astype(np.float32)
+        layout = _prefix_layout(tokens_BS, index_BC, mask_BC, packing="auto", multiple=8)
+        seen.add(layout["row_JM"].shape)
+        packed = [(b, c) for b, c in zip(layout["row_JM"].ravel(), layout["col_JM"].ravel()) if b >= 0]
+        assert sorted(packed) == sorted(zip(*np.nonzero(mask_BC)))  # every real token once
+        for j, r in enumerate(layout["prefix_J"]):  # a packed row holds rows of its own prefix, whole
+            rows_j = set(layout["row_JM"][j][layout["row_JM"][j] >= 0].tolist())
+            assert all(b // G == r for b in rows_j)
+            assert sum(mask_BC[b].sum() for b in rows_j) == (layout["row_JM"][j] >= 0).sum()
+    assert seen == {(4, 2 * C)}  # 4 prompts x <= 16 tokens: a frame of 4 rows of 2C (half of B x C)
+    long_BC = np.ones((B, C), np.float32)  # every completion at the budget: 32 tokens a prompt do not fit
+    assert _prefix_layout(tokens_BS, index_BC, long_BC, packing="auto", multiple=8)["row_JM"].shape == (B, C)
+
+
+@pytest.mark.parametrize("packing,floor", [("groups", None), ("rows", None), ("auto", None),
+                                           ("groups", {"rows": 16, "length": 40, "m": 32})])
 def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor):
     """Either packing of the suffix tokens (a prompt's completions back to back in one row, or one row per
     completion) gives the hidden states of one full forward per row at every completion position of the rows

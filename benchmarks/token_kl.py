@@ -239,9 +239,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--mode", default="full", choices=("full", "topk", "sampled_token"))
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--one-pass-chunk", type=int, default=None,
-                        help="token chunk of fused_token_loss (default token_loss.DEFAULT_LOSS_CHUNK)")
+                        help="token chunk of fused_token_loss (default token_loss.default_loss_blocks(W dtype))")
     parser.add_argument("--one-pass-tile", type=int, default=None,
-                        help="vocabulary tile of fused_token_loss (default token_loss.DEFAULT_LOSS_TILE)")
+                        help="vocabulary tile of fused_token_loss (default token_loss.default_loss_blocks(W dtype))")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated input dtypes: float32, bfloat16, mixed (bf16 hidden states, f32 W)")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (S, L)")
@@ -259,8 +259,9 @@ def main(argv=None) -> dict:
         "alpha": args.alpha, "mask_fraction": args.mask_fraction, "xla_blocks": list(token_kl_xla.DEFAULT_BLOCKS),
         "targets": {"floor_ratio": TARGET_FLOOR, "memory_ratio": TARGET_MEMORY},
         "load_avg_1min_start": os.getloadavg()[0],
-        "one_pass_blocks": [args.one_pass_chunk or token_loss.DEFAULT_LOSS_CHUNK,
-                            args.one_pass_tile or token_loss.DEFAULT_LOSS_TILE],
+        "one_pass_blocks": {name: [args.one_pass_chunk or blocks[0], args.one_pass_tile or blocks[1]]
+                            for name in args.dtypes.split(",")
+                            for blocks in [token_loss.default_loss_blocks(DTYPES[name][1])]},
         "cases": cpu_section(shapes, args.dtypes.split(","), reps, args.mode, args.alpha,
                              (args.one_pass_chunk, args.one_pass_tile), args.mask_fraction),
     }

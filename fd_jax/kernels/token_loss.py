@@ -45,9 +45,9 @@ TokenLoss = Callable[[TokenStats, Any], Array]
 # A 16-bit W gets 3x the tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's
 # do), so what each chunk adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the
 # f32 widening of every W tile for it, the read-modify-write of the f32 dW accumulator per tile. At
-# SmolLM2's D 576, V 49152 that cut the one pass from ~1.25x to ~1.1x the floor; the cost is 2 x 384 x V f32
-# of logit buffers (144 MiB at that V), where bf16 has no memory target (issue 19) and f32 has one (5% of
-# the reference's, which 128 meets).
+# SmolLM2's D 576, V 49152 that took the one pass from 1.21x to 1.05x the floor (benchmarks/token_kl.py,
+# both in one process, docs/benchmarks.md); the cost is 2 x 384 x V f32 of logit buffers (144 MiB at that
+# V), where bf16 has no memory target (issue 19) and f32 has one (5% of the reference's, which 128 meets).
 DEFAULT_LOSS_BLOCKS = {4: (128, 2048), 2: (384, 2048)}
 DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = DEFAULT_LOSS_BLOCKS[4]
 
@@ -221,8 +221,9 @@ def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array
     over Python numbers only and pass arrays through `aux` (a pytree of [N, ...] arrays, no gradient).
     alpha / mode / top_k / add_tail / w_teacher as in `fused_token_stats`. token_chunk, vocab_tile: block
     sizes (default `default_loss_blocks(w_unembed.dtype)`: 128 x 2048, 384 x 2048 for a 16-bit W); memory
-    grows as 2 x chunk x V f32 plus an f32 [D, V] accumulator (the gradient itself when W is f32). Returns the scalar loss (differentiable
-    w.r.t. h_student and w_unembed) and the TokenStats (constants, zero where mask = 0).
+    grows as 2 x chunk x V f32 plus an f32 [D, V] accumulator (the gradient itself when W is f32).
+    Returns the scalar loss (differentiable w.r.t. h_student and w_unembed) and the TokenStats (constants,
+    zero where mask = 0).
     """
     default_chunk, default_tile = default_loss_blocks(w_unembed.dtype)
     token_chunk, vocab_tile = token_chunk or default_chunk, vocab_tile or default_tile

@@ -3,6 +3,7 @@ logits).
 
     python benchmarks/token_kl.py [--quick] [--reps 5] [--mode full] [--alpha 1.0] [--shapes S,L]
         [--dtypes float32,bfloat16[,mixed]] [--one-pass-chunk C] [--one-pass-tile T] [--mask-fraction 0.1]
+        [--also-one-pass-blocks 128x2048,384x2048]
 
 The loss is mean_n D_n over N tokens (10% masked at random, `--mask-fraction`), differentiated w.r.t. the
 student hidden states and W. The fused kernels compute only the token chunks that hold counted tokens
@@ -14,6 +15,8 @@ kernel's chunks of 512; `--mask-fraction 0` times the kernels on fully counted b
 * `fused`: `fused_divergence`, the per-token kernel whose backward recomputes every logit tile (six);
 * `one_pass`: `token_loss.fused_token_loss` with the per-token loss D_n / N: the gradient is formed while
   the statistics are (four; the train step's default whenever its loss is a sum of per-token terms);
+  `one_pass_CxT` (`--also-one-pass-blocks`): the same with other block sizes, in the same interleaved run
+  (a default's before and after in one process);
 * `matmul_floor` (timed, not a divergence): the four matmuls that any value-and-grad must do (student and
   teacher logits, d_h, dW) for the counted tokens only, unchunked, in the same input dtypes with f32
   accumulation, and nothing else but g = s - t. No kernel of the same FLOPs can beat this machine's matmul
@@ -130,7 +133,7 @@ def _interleaved_medians(fns: dict, args, reps: int) -> tuple[dict[str, float], 
 
 
 def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blocks: tuple,
-                mask_fraction: float = 0.1) -> list[dict]:
+                mask_fraction: float = 0.1, also_blocks: tuple = ()) -> list[dict]:
     rows = []
     for shape_name in shapes:
         num, dim, vocab = SHAPES[shape_name]
@@ -139,18 +142,20 @@ def cpu_section(shapes, dtypes, reps: int, mode: str, alpha: float, one_pass_blo
             kw = dict(alpha=alpha, mode=mode, top_k=64 if mode == "topk" else None)
             fns = {"reference": _value_and_grad(token_kl.reference_divergence, **kw),
                    "fused": _value_and_grad(token_kl.fused_divergence, backend="xla", **kw),
-                   "one_pass": _one_pass_value_and_grad(*one_pass_blocks, **kw)}
+                   "one_pass": _one_pass_value_and_grad(*one_pass_blocks, **kw),
+                   **{f"one_pass_{c}x{t}": _one_pass_value_and_grad(c, t, **kw) for c, t in also_blocks}}
             mem = {name: _temp_bytes(fn, args) for name, fn in fns.items()}
             counted = int(np.sum(np.asarray(args[3]) > 0))
             secs, cpu = _interleaved_medians({**fns, "matmul_floor": _matmul_floor(counted)}, args, reps)
             want = fns["reference"](*args)
-            for name in ("fused", "one_pass"):  # the same value and gradients as the reference
+            variants = [name for name in fns if name != "reference"]
+            for name in variants:  # the same value and gradients as the reference
                 _check_close(want, fns[name](*args), name)
             row = {"shape": shape_name, "N": num, "D": dim, "V": vocab, "dtype": dtype_name,
                    "counted_tokens": counted,
                    "reference_temp_MiB": round(mem["reference"] / 2**20, 1),
                    "reference_s": round(secs["reference"], 4), "reference_cpu_s": round(cpu["reference"], 4)}
-            for name in ("fused", "one_pass"):
+            for name in variants:
                 mem_ratio = mem[name] / mem["reference"]
                 floor_ratio = secs[name] / secs["matmul_floor"]
                 target_floor, target_memory = TARGET_FLOOR[dtype_name], TARGET_MEMORY[dtype_name]
@@ -239,15 +244,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--mode", default="full", choices=("full", "topk", "sampled_token"))
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--one-pass-chunk", type=int, default=None,
-                        help="token chunk of fused_token_loss (default token_loss.DEFAULT_LOSS_CHUNK)")
+                        help="token chunk of fused_token_loss (default token_loss.default_loss_blocks(W dtype))")
     parser.add_argument("--one-pass-tile", type=int, default=None,
-                        help="vocabulary tile of fused_token_loss (default token_loss.DEFAULT_LOSS_TILE)")
+                        help="vocabulary tile of fused_token_loss (default token_loss.default_loss_blocks(W dtype))")
+    parser.add_argument("--also-one-pass-blocks", default="",
+                        help="comma-separated CxT block sizes of extra one-pass variants timed in the same "
+                             "interleaved run (e.g. 128x2048,384x2048), reported as one_pass_CxT")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated input dtypes: float32, bfloat16, mixed (bf16 hidden states, f32 W)")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (S, L)")
     parser.add_argument("--mask-fraction", type=float, default=0.1,
                         help="fraction of the N tokens masked at random (default 0.1)")
     args = parser.parse_args(argv)
+    try:
+        also_blocks = tuple(tuple(int(x) for x in spec.split("x")) for spec in args.also_one_pass_blocks.split(",")
+                            if spec)
+    except ValueError:
+        also_blocks = ((),)
+    if any(len(b) != 2 or min(b) < 1 for b in also_blocks):
+        parser.error(f"--also-one-pass-blocks: {args.also_one_pass_blocks!r} is not a list of CxT positive sizes")
     unknown = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
@@ -259,10 +274,11 @@ def main(argv=None) -> dict:
         "alpha": args.alpha, "mask_fraction": args.mask_fraction, "xla_blocks": list(token_kl_xla.DEFAULT_BLOCKS),
         "targets": {"floor_ratio": TARGET_FLOOR, "memory_ratio": TARGET_MEMORY},
         "load_avg_1min_start": os.getloadavg()[0],
-        "one_pass_blocks": [args.one_pass_chunk or token_loss.DEFAULT_LOSS_CHUNK,
-                            args.one_pass_tile or token_loss.DEFAULT_LOSS_TILE],
+        "one_pass_blocks": {name: [args.one_pass_chunk or blocks[0], args.one_pass_tile or blocks[1]]
+                            for name in args.dtypes.split(",")
+                            for blocks in [token_loss.default_loss_blocks(DTYPES[name][1])]},
         "cases": cpu_section(shapes, args.dtypes.split(","), reps, args.mode, args.alpha,
-                             (args.one_pass_chunk, args.one_pass_tile), args.mask_fraction),
+                             (args.one_pass_chunk, args.one_pass_tile), args.mask_fraction, also_blocks),
     }
     result["load_avg_1min_end"] = os.getloadavg()[0]
     if jax.default_backend() in ("gpu", "tpu"):

@@ -40,9 +40,21 @@ from fd_jax.kernels.token_kl import TokenStats
 Array = jax.Array
 TokenLoss = Callable[[TokenStats, Any], Array]
 
-# (tokens C, vocabulary tile T). C x V f32 logits of both sides are kept per chunk (32 MiB at V = 32768);
-# hᵀ g contracts over C, and on CPU matmuls with C or T much below these ran at half speed.
-DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = 128, 2048
+# (tokens C, vocabulary tile T) by W's itemsize. C x V f32 logits of both sides are kept per chunk (32 MiB at
+# V = 32768); hᵀ g contracts over C, and on CPU matmuls with C or T much below these ran at half speed.
+# A 16-bit W gets 3x the tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's
+# do), so what each chunk adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the
+# f32 widening of every W tile for it, the read-modify-write of the f32 dW accumulator per tile. At
+# SmolLM2's D 576, V 49152 that took the one pass from 1.21x to 1.05x the floor (benchmarks/token_kl.py,
+# both in one process, docs/benchmarks.md); the cost is 2 x 384 x V f32 of logit buffers (144 MiB at that
+# V), where bf16 has no memory target (issue 19) and f32 has one (5% of the reference's, which 128 meets).
+DEFAULT_LOSS_BLOCKS = {4: (128, 2048), 2: (384, 2048)}
+DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = DEFAULT_LOSS_BLOCKS[4]
+
+
+def default_loss_blocks(w_dtype) -> tuple[int, int]:
+    """(token chunk, vocabulary tile) that `fused_token_loss` uses for a W of this dtype by default."""
+    return DEFAULT_LOSS_BLOCKS.get(jnp.dtype(w_dtype).itemsize, DEFAULT_LOSS_BLOCKS[4])
 
 
 def _dot(a, b):
@@ -208,19 +220,20 @@ def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array
     token_loss(stats, aux) -> [C], elementwise over tokens (see the module doc), a pure function: close
     over Python numbers only and pass arrays through `aux` (a pytree of [N, ...] arrays, no gradient).
     alpha / mode / top_k / add_tail / w_teacher as in `fused_token_stats`. token_chunk, vocab_tile: block
-    sizes (default DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE); memory grows as 2 x chunk x V f32 plus an f32
-    [D, V] accumulator (and an f32 copy of a 16-bit W). Returns the scalar loss (differentiable
-    w.r.t. h_student and w_unembed) and the TokenStats (constants, zero where mask = 0).
+    sizes (default `default_loss_blocks(w_unembed.dtype)`: 128 x 2048, 384 x 2048 for a 16-bit W); memory
+    grows as 2 x chunk x V f32 plus an f32 [D, V] accumulator (the gradient itself when W is f32).
+    Returns the scalar loss (differentiable w.r.t. h_student and w_unembed) and the TokenStats (constants,
+    zero where mask = 0).
     """
+    default_chunk, default_tile = default_loss_blocks(w_unembed.dtype)
+    token_chunk, vocab_tile = token_chunk or default_chunk, vocab_tile or default_tile
     if h_teacher is None:
         kernel_plan.check_inputs(h_student, None, w_unembed, mask, sampled_ids, alpha=1.0, mode="full", top_k=None)
-        st = kernel_plan.settings(1.0, kernel_plan.NO_TEACHER, None, False, token_chunk or DEFAULT_LOSS_CHUNK,
-                                  vocab_tile or DEFAULT_LOSS_TILE, "xla")
+        st = kernel_plan.settings(1.0, kernel_plan.NO_TEACHER, None, False, token_chunk, vocab_tile, "xla")
     else:
         kernel_plan.check_inputs(h_student, h_teacher, w_unembed, mask, sampled_ids, alpha=alpha, mode=mode,
                                  top_k=top_k, w_teacher=w_teacher)
-        st = kernel_plan.settings(alpha, mode, top_k, add_tail, token_chunk or DEFAULT_LOSS_CHUNK,
-                                  vocab_tile or DEFAULT_LOSS_TILE, "xla")
+        st = kernel_plan.settings(alpha, mode, top_k, add_tail, token_chunk, vocab_tile, "xla")
         h_teacher = jax.lax.stop_gradient(h_teacher)
     w_teacher = None if w_teacher is None else jax.lax.stop_gradient(w_teacher)
     aux = jax.tree.map(jax.lax.stop_gradient, aux)

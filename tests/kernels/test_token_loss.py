@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fd_jax.kernels import token_kl as tk
-from fd_jax.kernels.token_loss import fused_token_loss
+from fd_jax.kernels.token_loss import default_loss_blocks, fused_token_loss
 
 N, D, V, TOP_K = 12, 8, 40, 5
 SETTINGS = (
@@ -170,6 +170,36 @@ def test_bf16_inputs_equal_the_reference_on_the_same_bf16_inputs():
         assert got.dtype == jnp.bfloat16
         got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
         # both are f32 sums rounded once to bf16 (8 bits): at most a rounding step apart
+        np.testing.assert_allclose(got, ref, rtol=2**-7, atol=1e-6 * np.abs(ref).max())
+
+
+def test_bf16_default_blocks_equal_the_reference_over_several_chunks():
+    """A 16-bit W gets its own default chunk (`default_loss_blocks`, larger than f32's). With N above it
+    (a ragged last chunk, masked tokens spread over all chunks) the default equals the reference on the
+    same bf16 inputs, as `test_bf16_inputs_equal_the_reference_on_the_same_bf16_inputs` bounds it."""
+    chunk, _ = default_loss_blocks(jnp.bfloat16)
+    num, dim, vocab = chunk + chunk // 3, 8, 40
+    rng = np.random.default_rng(3)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    hs = bf(rng.normal(size=(num, dim)))
+    ht = bf(np.asarray(hs, np.float32) + 0.7 * rng.normal(size=(num, dim)))
+    w = bf(rng.normal(size=(dim, vocab)))
+    mask = jnp.asarray(rng.random(num) > 0.2, jnp.float32)
+    ids = jnp.asarray(rng.integers(0, vocab, size=num), jnp.int32)
+    aux = {"advantage": jnp.asarray(rng.normal(size=num), jnp.float32),
+           "old_logp": jnp.asarray(rng.normal(size=num) - 4.0, jnp.float32)}
+
+    def fused(hs, w):
+        return fused_token_loss(hs, ht, w, mask, ids, objective, aux)[0]
+
+    def reference(hs, w):
+        return jnp.sum(objective(tk.reference_token_stats(hs, ht, w, mask, ids), aux) * mask)
+
+    (loss, grads), (want, want_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(hs, w)
+                                         for f in (fused, reference))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    for got, ref in zip(grads, want_grads):
+        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
         np.testing.assert_allclose(got, ref, rtol=2**-7, atol=1e-6 * np.abs(ref).max())
 
 

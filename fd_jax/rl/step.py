@@ -82,6 +82,7 @@ def _pad_to(x_BT, length, value):
 
 
 PREFIX = "prefix/"  # batch keys of the shared-prompt layout (`shared_prompt_inputs`), added on the host
+TEACHER_FIELDS = ("teacher_tokens_BU", "teacher_positions_BU", "teacher_index_BC")  # read only with a teacher pass
 
 
 def _bucket_rows(n: int) -> int:
@@ -193,10 +194,11 @@ def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list
 
 
 def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None,
-                         frame_fraction: float = 0.5) -> dict:
+                         frame_fraction: float = 0.5, teacher: bool = True) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
     `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.
+    `teacher`: False for a step without a teacher pass (GRPO): the student's layout alone.
 
     The teacher's layout holds only the rows that take the FD loss (`distill_mask_B`): every use of the
     teacher's states is weighted by it, so the others' (zeros) never count. This also bounds its number of
@@ -205,8 +207,9 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     floors = {} if floors is None else floors
     mask_BC = np.asarray(batch["completion_mask_BC"])
     masks = {"student": mask_BC, "teacher": mask_BC * (np.asarray(batch["distill_mask_B"])[:, None] > 0)}
-    for family, (tokens, index) in {"student": ("student_tokens_BS", "student_index_BC"),
-                                    "teacher": ("teacher_tokens_BU", "teacher_index_BC")}.items():
+    families = {"student": ("student_tokens_BS", "student_index_BC"),
+                "teacher": ("teacher_tokens_BU", "teacher_index_BC")}
+    for family, (tokens, index) in list(families.items())[:2 if teacher else 1]:
         layout = _prefix_layout(batch[tokens], batch[index], masks[family], packing=packing,
                                 floor=floors.setdefault(family, {}), frame_fraction=frame_fraction)
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
@@ -492,7 +495,8 @@ def make_train_step(
     def step(state: TrainState, batch: dict, token_axes: TokenAxes = None):
         loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith(PREFIX))}
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith(PREFIX))
+                 if k in batch}
         b = batch["completion_tokens_BC"].shape[0]
         if b % cfg.micro_batches:
             raise ValueError(f"batch rows {b} are not divisible by step.micro_batches={cfg.micro_batches}")
@@ -554,10 +558,13 @@ def make_train_step(
             lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else None,
             state)
         token_axes = token_axes_of(batch)
+        distills = cfg.distill_weight > 0
+        if not distills:  # GRPO never reads the teacher's arrays; passed in, their shapes would recompile it
+            batch = {k: v for k, v in batch.items() if not k.startswith(TEACHER_FIELDS)}
         if _uses_shared_prompts(cfg, token_axes):
             layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors,
-                                          frame_fraction=cfg.packing_frame)
-            batch = {**{k: batch[k] for k in BATCH_FIELDS}, **layout}
+                                          frame_fraction=cfg.packing_frame, teacher=distills)
+            batch = {**{k: batch[k] for k in BATCH_FIELDS if k in batch}, **layout}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
             compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,

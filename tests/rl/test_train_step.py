@@ -288,6 +288,26 @@ def test_batch_padded_by_its_own_rules_trains_the_same(setup):
         np.testing.assert_allclose(float(metrics[1][key]), float(metrics[0][key]), rtol=2e-5, atol=1e-7)
 
 
+def test_grpo_step_ignores_the_teacher_arrays_shapes(setup):
+    """GRPO runs no teacher pass: a batch whose teacher prompts are longer (a wider U) must reuse the
+    compiled step (no new XLA program) and give the same metrics."""
+    from fd_jax.train import compilations
+
+    compilations.install()
+    graphdef, params, _ = setup
+    batch = _grouped_batch()
+    cfg = StepConfig(distill_weight=0.0, teacher="live", **KERNEL)
+    wide = {**batch, **{k: np.pad(batch[k], ((0, 0), (0, 32)), constant_values=pad)
+                        for k, pad in (("teacher_tokens_BU", 0), ("teacher_positions_BU", -1))}}
+    step, optimizer = cached_step(graphdef, cfg)
+    first = step(_state(params, cfg, optimizer=optimizer)[0], batch)[1]
+    programs = compilations.totals()["compile/count"]
+    second = step(_state(params, cfg, optimizer=optimizer)[0], wide)[1]
+    assert compilations.totals()["compile/count"] == programs
+    for key in ("loss", "grad_norm", "entropy"):
+        assert float(second[key]) == float(first[key]), key
+
+
 def _grouped_batch(problems=3, generations=3, seed=7):
     """P problems x G samples: the G rows of a problem share the student prompt; their teacher prompts take
     two values per problem (a demonstration, or none: the student prompt, and then no FD loss), as

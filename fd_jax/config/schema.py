@@ -90,7 +90,7 @@ class StepConfig:
                                "completion: two programs at most; rows: one row per completion; groups: one "
                                "row per prompt, its width following the data (a new program each time it "
                                "grows)", choices=PROMPT_PACKINGS)
-    packing_frame: float = knob(0.5, "prompt_packing=auto: the frame's size as a share of the batch's completion "
+    packing_frame: float = knob(0.75, "prompt_packing=auto: the frame's size as a share of the batch's completion "
                                 "slots (rows x C); a batch whose completions need more runs one row per "
                                 "completion", check=(lambda f: 0.0 < f < 1.0, "must be in (0, 1)"))
     alpha: float = knob(1.0, "divergence: 0 forward KL, 1 reverse KL, between: generalized JSD",

@@ -94,7 +94,7 @@ PACKINGS = PROMPT_PACKINGS
 
 
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
-                   floor: dict | None = None, frame_fraction: float = 0.5) -> dict:
+                   floor: dict | None = None, frame_fraction: float = 0.75) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
@@ -194,7 +194,7 @@ def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list
 
 
 def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None,
-                         frame_fraction: float = 0.5, teacher: bool = True) -> dict:
+                         frame_fraction: float = 0.75, teacher: bool = True) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
     `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.

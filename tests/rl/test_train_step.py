@@ -413,8 +413,8 @@ def test_shared_prompt_frame_shape_is_fixed_by_the_batch():
             rows_j = set(layout["row_JM"][j][layout["row_JM"][j] >= 0].tolist())
             assert all(b // G == r for b in rows_j)
             assert sum(mask_BC[b].sum() for b in rows_j) == (layout["row_JM"][j] >= 0).sum()
-    assert seen == {(4, 2 * C)}  # 4 prompts x <= 16 tokens: a frame of 4 rows of 2C (half of B x C)
-    long_BC = np.ones((B, C), np.float32)  # every completion at the budget: 32 tokens a prompt do not fit
+    assert seen == {(6, 2 * C)}  # a frame of 6 rows of 2C: 3/4 of B x C (step.packing_frame's default)
+    long_BC = np.ones((B, C), np.float32)  # every completion at the budget: 4 prompts x 2 rows > 6 rows
     assert _prefix_layout(tokens_BS, index_BC, long_BC, packing="auto", multiple=8)["row_JM"].shape == (B, C)
 
 

@@ -82,7 +82,7 @@ def _pad_to(x_BT, length, value):
 
 
 PREFIX = "prefix/"  # batch keys of the shared-prompt layout (`shared_prompt_inputs`), added on the host
-TEACHER_FIELDS = ("teacher_tokens_BU", "teacher_positions_BU", "teacher_index_BC")  # read only with a teacher pass
+TEACHER_FIELDS = tuple(k for k in BATCH_FIELDS if k.startswith("teacher_"))  # read only by a teacher pass
 
 
 def _bucket_rows(n: int) -> int:
@@ -90,11 +90,9 @@ def _bucket_rows(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-PACKINGS = PROMPT_PACKINGS
-
 
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
-                   floor: dict | None = None, frame_fraction: float = 0.75) -> dict:
+                   floor: dict | None = None, frame_fraction: float = StepConfig.packing_frame) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
@@ -123,8 +121,8 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     """
     from fd_jax.rl.batch import bucket_length
 
-    if packing not in PACKINGS:
-        raise ValueError(f"packing {packing!r}: expected one of {PACKINGS}")
+    if packing not in PROMPT_PACKINGS:
+        raise ValueError(f"packing {packing!r}: expected one of {PROMPT_PACKINGS}")
     tokens_BS, index_BC, mask_BC = map(np.asarray, (tokens_BS, index_BC, mask_BC))
     B, C = index_BC.shape
     prefix_len_B = index_BC[:, 0]
@@ -144,10 +142,10 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
         n = prefix_len_B[b]
         tokens_RT[r, :n] = tokens_BS[b, :n]
         positions_RT[r, :n] = np.arange(n)
-    per_prefix = np.bincount(row_B[live_B], weights=real_BC[live_B].sum(1), minlength=rows)
     floor.update(rows=rows, length=length)
     members = None
     if packing == "groups":
+        per_prefix = np.bincount(row_B[live_B], weights=real_BC[live_B].sum(1), minlength=rows)
         m = floor["m"] = max(_bucket_rows(max(1, int(per_prefix.max()))), floor.get("m", 0))
         members = [[(b, c) for b in np.flatnonzero(row_B == r) for c in np.flatnonzero(real_BC[b])]
                    for r in range(rows)]
@@ -194,7 +192,7 @@ def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list
 
 
 def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None,
-                         frame_fraction: float = 0.75, teacher: bool = True) -> dict:
+                         frame_fraction: float = StepConfig.packing_frame, teacher: bool = True) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
     `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.
@@ -207,9 +205,10 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     floors = {} if floors is None else floors
     mask_BC = np.asarray(batch["completion_mask_BC"])
     masks = {"student": mask_BC, "teacher": mask_BC * (np.asarray(batch["distill_mask_B"])[:, None] > 0)}
-    families = {"student": ("student_tokens_BS", "student_index_BC"),
-                "teacher": ("teacher_tokens_BU", "teacher_index_BC")}
-    for family, (tokens, index) in list(families.items())[:2 if teacher else 1]:
+    families = {"student": ("student_tokens_BS", "student_index_BC")}
+    if teacher:
+        families["teacher"] = ("teacher_tokens_BU", "teacher_index_BC")
+    for family, (tokens, index) in families.items():
         layout = _prefix_layout(batch[tokens], batch[index], masks[family], packing=packing,
                                 floor=floors.setdefault(family, {}), frame_fraction=frame_fraction)
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
@@ -218,11 +217,12 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
 
 def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
     """[B, C, D] final hidden states at the positions that predict the completion (zeros where the layout's
-    mask was 0: padding, and for the teacher the rows that take no FD loss), computed as: each distinct prompt prefix once (R rows) into a KV cache, the cache gathered to
-    the J packed rows, then only the packed suffix tokens against it (`_prefix_layout`), each attending to
-    its prefix and to the earlier suffix tokens of its own batch row. Equal to `hidden_states` gathered at
-    the index (up to float rounding); the G samples of a problem share their prompt's forward (and backward)
-    pass, and the padding of short completions is not computed (packing `groups`)."""
+    mask was 0: padding, and for the teacher the rows that take no FD loss), computed as: each distinct
+    prompt prefix once (R rows) into a KV cache, the cache gathered to the J packed rows, then only the
+    packed suffix tokens against it (`_prefix_layout`), each attending to its prefix and to the earlier
+    suffix tokens of its own batch row. Equal to `hidden_states` gathered at the index (up to float
+    rounding); the G samples of a problem share their prompt's forward (and backward) pass, and with the
+    packings `auto` and `groups` the padding of short completions is not computed."""
     get = lambda k: mb[f"{PREFIX}{family}/{k}"]  # noqa: E731
     tokens_RT, row_JM, col_JM = get("tokens_RT"), get("row_JM"), get("col_JM")
     t, m = tokens_RT.shape[1], row_JM.shape[1]

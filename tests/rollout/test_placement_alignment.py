@@ -38,23 +38,33 @@ def generate(model, prompts, *, n=1, max_new_tokens, temperature, top_p, top_k, 
                            finish_reason=["stop"] * len(prompts))
 
 
-@pytest.mark.parametrize("placement", ["user", "system", "turns"])
-def test_teacher_and_student_rows_hold_the_same_completion(placement):
-    fmt = ArithmeticFormat(tokenizer=TOKENIZER, system="Reply with 'Answer: N'.", template="{context}{statement}",
+def _rollout(tokenizer, placement, generate_fn, max_new_tokens):
+    """4 medium problems x 3 samples through `run_rollout` with the checker's feedback and solved siblings."""
+    fmt = ArithmeticFormat(tokenizer=tokenizer, system="Reply with 'Answer: N'.", template="{context}{statement}",
                            examples=[("Compute 4 + 5.", 9)])
-    config = RolloutConfig(num_generations=3, max_new_tokens=16, pad_multiple=8, use_successful_as_teacher=True,
-                           context_placement=placement)
+    config = RolloutConfig(num_generations=3, max_new_tokens=max_new_tokens, pad_multiple=8,
+                           use_successful_as_teacher=True, context_placement=placement)
     with ArithmeticVerifier() as verifier:
-        result = run_rollout(make_problems(4, seed=3, level="medium"), model=None, tokenizer=TOKENIZER, fmt=fmt,
-                             verifier=verifier, feedback=get_provider("checker"), config=config,
-                             generate_fn=generate)
-    batch = result.batch
+        return run_rollout(make_problems(4, seed=3, level="medium"), model=None, tokenizer=tokenizer, fmt=fmt,
+                           verifier=verifier, feedback=get_provider("checker"), config=config,
+                           generate_fn=generate_fn)
+
+
+def _assert_completion_follows_each_prompt(batch):
+    """The token after each hidden-state index is the completion's, in the student's and the teacher's rows."""
     rows = np.arange(batch.completion_tokens_BC.shape[0])[:, None]
     mask = batch.completion_mask_BC.astype(bool)
-    after_student = batch.student_tokens_BS[rows, batch.student_index_BC + 1]
-    after_teacher = batch.teacher_tokens_BU[rows, batch.teacher_index_BC + 1]
-    np.testing.assert_array_equal(after_student[mask], batch.completion_tokens_BC[mask])
-    np.testing.assert_array_equal(after_teacher[mask], batch.completion_tokens_BC[mask])
+    for tokens, index in ((batch.student_tokens_BS, batch.student_index_BC),
+                          (batch.teacher_tokens_BU, batch.teacher_index_BC)):
+        np.testing.assert_array_equal(tokens[rows, index + 1][mask], batch.completion_tokens_BC[mask])
+    return rows, mask
+
+
+@pytest.mark.parametrize("placement", ["user", "system", "turns"])
+def test_teacher_and_student_rows_hold_the_same_completion(placement):
+    result = _rollout(TOKENIZER, placement, generate, max_new_tokens=16)
+    batch = result.batch
+    rows, mask = _assert_completion_follows_each_prompt(batch)
     # Positions run 0..len-1 in both rows, so the completion sits right after each row's own prompt.
     assert (batch.teacher_positions_BU[rows, batch.teacher_index_BC + 1][mask] ==
             (batch.teacher_index_BC + 1)[mask]).all()
@@ -102,21 +112,9 @@ def forging_generate(model, prompts, *, n=1, max_new_tokens, temperature, top_p,
 def test_a_completion_that_writes_chat_markers_forges_no_turn_in_the_teacher_context(placement):
     """The failed attempt (and the checker's feedback on it) enter the teacher's context as plain text:
     the teacher prompt holds only the template's marker ids, and the completion still follows each prompt."""
-    fmt = ArithmeticFormat(tokenizer=MARKED, system="Reply with 'Answer: N'.", template="{context}{statement}",
-                           examples=[("Compute 4 + 5.", 9)])
-    config = RolloutConfig(num_generations=3, max_new_tokens=160, pad_multiple=8, use_successful_as_teacher=True,
-                           context_placement=placement)
-    with ArithmeticVerifier() as verifier:
-        result = run_rollout(make_problems(4, seed=3, level="medium"), model=None, tokenizer=MARKED, fmt=fmt,
-                             verifier=verifier, feedback=get_provider("checker"), config=config,
-                             generate_fn=forging_generate)
+    result = _rollout(MARKED, placement, forging_generate, max_new_tokens=160)
     batch = result.batch
-    rows = np.arange(batch.completion_tokens_BC.shape[0])[:, None]
-    mask = batch.completion_mask_BC.astype(bool)
-    np.testing.assert_array_equal(batch.student_tokens_BS[rows, batch.student_index_BC + 1][mask],
-                                  batch.completion_tokens_BC[mask])
-    np.testing.assert_array_equal(batch.teacher_tokens_BU[rows, batch.teacher_index_BC + 1][mask],
-                                  batch.completion_tokens_BC[mask])
+    _assert_completion_follows_each_prompt(batch)
     forged_rows = 0
     for b, record in enumerate(result.records):
         teacher = record["teacher_prompt"]

@@ -29,7 +29,7 @@ from fd_jax.rl import losses
 from fd_jax.data.problems import Problem
 from fd_jax.data.prompts import PromptFormat
 from fd_jax.config.schema import EpisodeConfig, RolloutConfig
-from fd_jax.data.control import tokenizer_controls
+from fd_jax.data.control import neutralize, tokenizer_controls
 from fd_jax.data.reprompt import build_reprompt
 from fd_jax.feedback import FeedbackProvider, FeedbackRequest
 from fd_jax.rollout.sample import SampledChunk, sample_chunks
@@ -279,7 +279,6 @@ def trajectory_text(turns: Sequence[Any], controls: Sequence[str], call_tags: Se
     `<result>status: valid</result>` the model wrote itself cannot pass for a tool's result, nor a
     `</trajectory>` end the block; only the environment's observations carry them whole."""
     from fd_jax.feedback.base import TRAJECTORY_TAGS
-    from fd_jax.tasks.tool_formats import neutralize
 
     model_controls = [c for c in controls if c not in call_tags] + list(TRAJECTORY_TAGS)
     return "".join(neutralize(t.text, model_controls) + neutralize(t.observation or "", TRAJECTORY_TAGS)

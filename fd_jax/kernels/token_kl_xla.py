@@ -59,6 +59,12 @@ def _slice_columns(x_DV: Array, start, tile: int, dtype, widen: bool = True) -> 
     return x_DT.astype(jnp.float32) if widen else x_DT
 
 
+def columns(w_DV: Array, cols: Array) -> Array:
+    """W's columns at the vocabulary ids `cols` ([...] int), in f32: [D, ...] (gathered from the bits of a
+    16-bit W: see `_to_bits`)."""
+    return _from_bits(jnp.take(_to_bits(w_DV), cols, axis=1), w_DV.dtype).astype(jnp.float32)
+
+
 class Unembedding:
     """The student's W and the teacher's (the same array unless the teacher has its own), read by tiles."""
 

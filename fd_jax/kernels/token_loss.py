@@ -10,10 +10,12 @@ is a sum of per-token terms,
 each token's cotangent is known as soon as its own statistics are, so one pass suffices: for a chunk of C
 tokens the student and teacher logits [C, V] are formed once (tile by tile, kept in two [C, V] buffers),
 the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
-d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. Memory is the chunk's
-[C, V] rows plus the [D, V] accumulator (aliased with dW's output when W is f32) instead of [N, V];
-`benchmarks/token_kl.py` measures both. Masked tokens cost nothing: the counted tokens are moved to the front
-(`token_kl_xla.compaction`) and only the chunks holding any are visited.
+d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. The sparse entries of
+the gradient (the realised token's column, the top-k support) are added once per chunk, through K gathered
+columns of W and a scatter into dW. Memory is the chunk's [C, V] rows plus the [D, V] accumulator (aliased
+with dW's output when W is f32) instead of [N, V]; `benchmarks/token_kl.py` measures both. Masked tokens
+cost nothing: each chunk gathers the next C counted tokens (`token_kl_xla.compaction`), scatters its
+outputs back in place, and only the chunks holding any are visited.
 
 `token_loss(stats: TokenStats, aux) -> [C]` must be elementwise over tokens: token n's term may read only
 stats[n] and aux[n] (aux is any pytree of [N, ...] arrays, a constant: no gradient flows into it). The
@@ -40,15 +42,17 @@ from fd_jax.kernels.token_kl import TokenStats
 Array = jax.Array
 TokenLoss = Callable[[TokenStats, Any], Array]
 
-# (tokens C, vocabulary tile T) by W's itemsize. C x V f32 logits of both sides are kept per chunk (32 MiB at
-# V = 32768); hᵀ g contracts over C, and on CPU matmuls with C or T much below these ran at half speed.
-# A 16-bit W gets 3x the tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's
-# do), so what each chunk adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the
-# f32 widening of every W tile for it, the read-modify-write of the f32 dW accumulator per tile. At
-# SmolLM2's D 576, V 49152 that took the one pass from 1.21x to 1.05x the floor (benchmarks/token_kl.py,
-# both in one process, docs/benchmarks.md); the cost is 2 x 384 x V f32 of logit buffers (144 MiB at that
-# V), where bf16 has no memory target (issue 19) and f32 has one (5% of the reference's, which 128 meets).
-DEFAULT_LOSS_BLOCKS = {4: (128, 2048), 2: (384, 2048)}
+# (tokens C, vocabulary tile T) by W's itemsize. C x V f32 logits of both sides are kept per chunk, and every
+# chunk reads W twice and dW once (tile copies, the accumulator's read-modify-write): the larger C, the fewer
+# of these memory-bound sweeps, up to what the memory allows. f32: 160 x 1024 keeps temporaries at 4.3% of
+# the reference's at SmolLM2's D 576, V 49152 (the issue 19 target is 5%) and ran at 1.08-1.15x the matmul
+# floor there, against 1.14-1.34x for 128 x 2048 (benchmarks/token_kl.py, docs/benchmarks.md). A 16-bit W
+# gets more tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's do), so what
+# each chunk adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the f32 widening
+# of every W tile for it, the read-modify-write of the f32 dW accumulator per tile. 384 x 2048 took the
+# one pass from 1.21x to 1.05x the floor; the cost is 2 x 384 x V f32 of logit buffers (144 MiB at that V),
+# where bf16 has no memory target.
+DEFAULT_LOSS_BLOCKS = {4: (160, 1024), 2: (384, 2048)}
 DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = DEFAULT_LOSS_BLOCKS[4]
 
 
@@ -131,24 +135,20 @@ def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
         w_DT = unembed.student(start)
         s_CT = lax.dynamic_slice_in_dim(s_CV, start, tile, axis=1)
         t_CT = None if t_CV is None else lax.dynamic_slice_in_dim(t_CV, start, tile, axis=1)
-        g_CT = tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T)
         # Materialise g once: left alone, XLA:CPU fuses its elementwise chain (exp included) into both
         # matmuls' operands and computes it twice.
-        g_CT = lax.optimization_barrier(token_kl_xla.add_sparse(g_CT, cols_CK, coef_CK, start, j * tile, valid_T))
+        g_CT = lax.optimization_barrier(tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T))
         dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(hs32_DC, g_CT)
         return (dh_CD + _dot(g_CT, w_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), None
 
     dh_CD = jnp.zeros(hs_CD.shape, jnp.float32)
     (dh_CD, dw_DV), _ = lax.scan(pass_b, (dh_CD, dw_DV), jnp.arange(num_tiles))
+    # The sparse entries (K columns per token: the realised token, the top-k support) once per chunk, not
+    # as a compare-and-select over every tile: d_h gathers their K columns of W, dW scatters into them.
+    w_DCK = token_kl_xla.columns(w_DV, cols_CK)
+    dh_CD = dh_CD + jnp.einsum("ck,dck->cd", coef_CK, w_DCK)
+    dw_DV = dw_DV.at[:, cols_CK].add(hs32_DC[:, :, None] * coef_CK[None])
     return (loss + jnp.sum(loss_C * weight_C), dw_DV, s_CV, t_CV), (stats, dh_CD)
-
-
-def _chunks(tree, chunk: int, num_chunks: int):
-    return jax.tree.map(lambda x: token_kl_xla.chunked(x, chunk, num_chunks), tree)
-
-
-def _unchunk(tree, num: int):
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num], tree)
 
 
 def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
@@ -164,25 +164,26 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     chunk, num_chunks = token_kl_xla.blocks(num, st.token_chunk)
     tile, _ = token_kl_xla.blocks(vocab, st.vocab_tile)
     # Only chunks holding counted tokens are visited: the counted tokens go first (`compaction`), and the
-    # outputs of the chunks never visited keep their zeros (what a masked token gets anyway).
-    order, restore, live_chunks = token_kl_xla.compaction(mask, chunk)
-    xs = _chunks(jax.tree.map(lambda x: x[order], (hs, ht, ids, mask, aux)), chunk, num_chunks)
+    # outputs of the chunks never visited keep their zeros (what a masked token gets anyway). Each chunk
+    # gathers its rows and scatters its outputs in place: no reordered copy of the inputs or outputs.
+    order, _, live_chunks = token_kl_xla.compaction(mask, chunk)
+    order = jnp.pad(order, (0, num_chunks * chunk - num), constant_values=num)  # padding: out of range
     # A 16-bit W is widened tile by tile (`Unembedding`), twice per chunk: an f32 copy of W would cost as
     # much memory as the chunk buffers.
     buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
     init = (jnp.zeros((), jnp.float32), jnp.zeros((dim, vocab), jnp.float32), buffer,
             None if ht is None else buffer)
-    outs = (TokenStats(*(jnp.zeros((num_chunks, chunk), jnp.float32) for _ in range(3))),
-            jnp.zeros((num_chunks, chunk, dim), jnp.float32))
+    outs = (TokenStats(*(jnp.zeros((num,), jnp.float32) for _ in range(3))), jnp.zeros((num, dim), jnp.float32))
     step = functools.partial(_chunk_value_and_grad, w_DV=w, wt_DV=wt, tile=tile, st=st, token_loss=token_loss)
 
     def one_chunk(c, carry):
         carry, outs = carry
-        carry, out_c = step(carry, jax.tree.map(lambda x: x[c], xs))
-        return carry, jax.tree.map(lambda buf, x: buf.at[c].set(x), outs, out_c)
+        rows_C = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
+        xs = jax.tree.map(lambda x: jnp.take(x, rows_C, axis=0, mode="fill", fill_value=0), (hs, ht, ids, mask, aux))
+        carry, out_c = step(carry, xs)
+        return carry, jax.tree.map(lambda buf, x: buf.at[rows_C].set(x, mode="drop"), outs, out_c)
 
     (loss, dw, _, _), (stats, dh) = lax.fori_loop(0, live_chunks, one_chunk, (init, outs))
-    stats, dh = jax.tree.map(lambda x: x[restore], _unchunk((stats, dh), num))
     return loss, stats, dh, dw
 
 
@@ -220,7 +221,7 @@ def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array
     token_loss(stats, aux) -> [C], elementwise over tokens (see the module doc), a pure function: close
     over Python numbers only and pass arrays through `aux` (a pytree of [N, ...] arrays, no gradient).
     alpha / mode / top_k / add_tail / w_teacher as in `fused_token_stats`. token_chunk, vocab_tile: block
-    sizes (default `default_loss_blocks(w_unembed.dtype)`: 128 x 2048, 384 x 2048 for a 16-bit W); memory
+    sizes (default `default_loss_blocks(w_unembed.dtype)`: 160 x 1024, 384 x 2048 for a 16-bit W); memory
     grows as 2 x chunk x V f32 plus an f32 [D, V] accumulator (the gradient itself when W is f32).
     Returns the scalar loss (differentiable w.r.t. h_student and w_unembed) and the TokenStats (constants,
     zero where mask = 0).

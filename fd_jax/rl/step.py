@@ -83,6 +83,8 @@ def _pad_to(x_BT, length, value):
 
 PREFIX = "prefix/"  # batch keys of the shared-prompt layout (`shared_prompt_inputs`), added on the host
 TEACHER_FIELDS = tuple(k for k in BATCH_FIELDS if k.startswith("teacher_"))  # read only by a teacher pass
+# The full prompt + completion rows, which a shared-prompt layout replaces (`shared_prompt_inputs`).
+SEQUENCE_FIELDS = tuple(k for k in BATCH_FIELDS if k.endswith(("_BS", "_BU")))
 
 
 def _bucket_rows(n: int) -> int:
@@ -364,7 +366,7 @@ def _over_tokens(fn, token_axes: TokenAxes, per_token: tuple, shared: tuple):
 def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes=None):
     """log π_ref of the completion tokens [B, C] (constant), for the k3 KL penalty."""
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params if ref_params is None else ref_params))
-    h_ref = _gather_BCD(ref.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
+    h_ref, _ = _student_hidden(ref, mb)
 
     def logprobs(h_ND, ids_N, mask_N, w_DV):
         return (), token_kl.token_logprobs_and_entropy(h_ND, w_DV, ids_N, mask_N, **kernel)
@@ -374,8 +376,8 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
     return jax.lax.stop_gradient(ref_logp_BC)
 
 
-def _student_hidden(graphdef, params, mb):
-    student = nnx.merge(graphdef, params)
+def _student_hidden(student, mb):
+    """(h_BCD, W) of a model (the student, or the reference) on the student's rows."""
     if _shares(mb, "student"):
         return _shared_prefix_hidden(student, mb, "student", mb["completion_tokens_BC"].shape), student.unembedding
     h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
@@ -403,7 +405,7 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
     if w > 0:
         hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
     else:  # GRPO alone: no teacher pass at all
-        (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(graphdef, params, mb), None, None
+        (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(nnx.merge(graphdef, params), mb), None, None
     divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
                       add_tail=cfg.add_tail)
 
@@ -564,7 +566,9 @@ def make_train_step(
         if _uses_shared_prompts(cfg, token_axes):
             layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors,
                                           frame_fraction=cfg.packing_frame, teacher=distills)
-            batch = {**{k: batch[k] for k in BATCH_FIELDS if k in batch}, **layout}
+            # The layout replaces the full rows: passed in as well, their widths (which follow the prompts, a
+            # teacher's checker feedback above all) would compile a new program for arrays never read.
+            batch = {**{k: batch[k] for k in BATCH_FIELDS if k in batch and k not in SEQUENCE_FIELDS}, **layout}
         key = (jax.tree.structure(state), tuple(jax.tree.leaves(shardings)), token_axes)
         if key not in compiled:
             compiled[key] = jax.jit(functools.partial(step, token_axes=token_axes), donate_argnums=0,

@@ -308,6 +308,37 @@ def test_grpo_step_ignores_the_teacher_arrays_shapes(setup):
         assert float(second[key]) == float(first[key]), key
 
 
+def test_shared_prompts_ignore_the_widths_of_the_full_rows(setup):
+    """With share_prompts the layout replaces the full prompt + completion rows (the reference model of the
+    KL penalty reads it too): a batch whose rows are wider (S and U padded further, as a longer checker
+    feedback elsewhere in the batch makes them) must reuse the compiled step (no new XLA program) and give
+    the same metrics, which equal those of the step without shared prompts."""
+    from fd_jax.train import compilations
+
+    compilations.install()
+    graphdef, params, _ = setup
+    batch = _grouped_batch()
+    cfg = dataclasses.replace(SHARED_CFG, beta=0.1)
+    wide = {**batch, **{k: np.pad(batch[k], ((0, 0), (0, 32)), constant_values=pad) for k, pad in (
+        ("student_tokens_BS", 0), ("student_positions_BS", -1), ("teacher_tokens_BU", 0), ("teacher_positions_BU", -1))}}
+    step, optimizer = cached_step(graphdef, cfg)
+
+    def state(cfg):  # a reference model other than the student, so that the penalty is not zero
+        return _state(params, cfg, optimizer=optimizer)[0]._replace(ref=nnx.split(init_model(CFG, seed=5))[1])
+
+    first = step(state(cfg), batch)[1]
+    programs = compilations.totals()["compile/count"]
+    second = step(state(cfg), wide)[1]
+    assert compilations.totals()["compile/count"] == programs
+    for key in ("loss", "grad_norm", "entropy", "kl_mean", "grpo/kl"):
+        assert float(second[key]) == float(first[key]), key
+    assert float(first["grpo/kl"]) > 0
+    plain = dataclasses.replace(cfg, share_prompts=False)
+    unshared = cached_step(graphdef, plain)[0](state(plain), batch)[1]
+    for key in ("loss", "grad_norm", "entropy", "kl_mean", "grpo/kl"):
+        np.testing.assert_allclose(float(unshared[key]), float(first[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+
+
 def _grouped_batch(problems=3, generations=3, seed=7):
     """P problems x G samples: the G rows of a problem share the student prompt; their teacher prompts take
     two values per problem (a demonstration, or none: the student prompt, and then no FD loss), as

@@ -92,7 +92,6 @@ def _bucket_rows(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
                    floor: dict | None = None, frame_fraction: float = StepConfig.packing_frame) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
@@ -261,14 +260,13 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
         ht = _gather_BCD(hidden[b:], mb["teacher_index_BC"])
         return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
     teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
-    if _shares(mb, "student"):
-        shape_BC = mb["completion_tokens_BC"].shape
-        hs = _shared_prefix_hidden(student, mb, "student", shape_BC)
-        ht = _shared_prefix_hidden(teacher, mb, "teacher", shape_BC)
-        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
-    hs = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]), mb["student_index_BC"])
-    ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]), mb["teacher_index_BC"])
-    return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(teacher.unembedding)
+    hs, w_DV = _student_hidden(student, mb)
+    if _shares(mb, "teacher"):
+        ht = _shared_prefix_hidden(teacher, mb, "teacher", mb["completion_tokens_BC"].shape)
+    else:
+        ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]),
+                         mb["teacher_index_BC"])
+    return hs, jax.lax.stop_gradient(ht), w_DV, jax.lax.stop_gradient(teacher.unembedding)
 
 
 def _normalisers(mb, cfg: StepConfig):

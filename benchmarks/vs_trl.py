@@ -26,7 +26,9 @@ Each side (and fd_jax variant) of each algorithm runs in its own subprocess (so 
 one after the other: the fd_jax rows, then TRL. Reported per row: the median over the steps after --warmup
 (default 6 steps, 5 timed) of the step's wall seconds, split into `generate_s` (the sampler), `train_s` (the
 update: forward/backward passes, optimizer, teacher update; fd_jax: the one jitted call and its host-side
-prompt layout) and `other_s`, the host work of the step (rewards, checking, feedback, reprompts,
+prompt layout, and for FD the teacher/* diagnostics its trainer runs by default (`log.teacher_diagnostics`:
+the batch's from the step's own statistics, the probe's scoring of each distilled row's solved sibling;
+`--no-teacher-diagnostics` leaves them out)) and `other_s`, the host work of the step (rewards, checking, feedback, reprompts,
 tokenization, packing, the batch's transfer; TRL: also its log-prob re-scoring outside the update);
 `rollout_wait_s` (fd_jax): the rollout time the step did not hide (= generation + host rollout work when
 sync, the wait for the background rollout when async, where generate_s overlaps train_s); the peak RSS of
@@ -174,6 +176,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.step.teacher = "ema"
     cfg.step.loss_agg = "seq_mean"  # TRL SDPO: mean over each sequence's tokens, then over rows
     cfg.step.share_prompts = not args.no_share_prompts  # the G samples of a problem share its prompt's pass
+    cfg.log.teacher_diagnostics = not getattr(args, "no_teacher_diagnostics", False)  # on: the trainer's default
     cfg.optim.learning_rate = args.lr
     cfg.optim.max_grad_norm = 1.0
     return cfg
@@ -191,6 +194,7 @@ def fdjax_side(args, directory, algo: str) -> dict:
 
     from fd_jax import sharding as sharding_lib
     from fd_jax.config.validation import validate
+    from fd_jax.rl.diagnostics import make_diagnostics
     from fd_jax.rl.optim import make_optimizer
     from fd_jax.rl.step import make_train_step
     from fd_jax.rollout.rollout import run_rollout
@@ -216,7 +220,13 @@ def fdjax_side(args, directory, algo: str) -> dict:
     state = loop._init_state(params, optimizer, stage.step, target)
     del params
     policy.model = None
-    step_fn = make_train_step(graphdef, optimizer, stage.step)
+    # As the trainer: an FD step with teacher/* diagnostics on (the default) forms the batch's in the step and
+    # scores the probe (each distilled row's solved sibling) before it, in the update's time.
+    diagnose = None
+    if cfg.log.teacher_diagnostics and stage.step.distill_weight > 0:
+        diagnose = make_diagnostics(graphdef, stage.step, first_k=cfg.log.teacher_diagnostics_first_k)
+    step_fn = make_train_step(graphdef, optimizer, stage.step,
+                              diagnostics_first_k=cfg.log.teacher_diagnostics_first_k if diagnose else None)
     generate_fn = lambda *a, **k: generate(*a, mesh=mesh, pad_id=pad_id, **k)  # noqa: E731  (as the trainer)
     problems = step_problems(args)
 
@@ -237,8 +247,10 @@ def fdjax_side(args, directory, algo: str) -> dict:
             batch_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, mesh, pad_id=pad_id)
             train_start = time.perf_counter()
+            due = (t + 1) % cfg.log.teacher_diagnostics_every_steps == 0
+            diagnosed = loop._diagnose(diagnose if due else None, state, rollout, mesh, pad_id)
             state, metrics = step_fn(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = {k: float(v) for k, v in jax.device_get({**metrics, **diagnosed}).items()}
             end = time.perf_counter()
             generate_s = rollout.timings["generate_s"]
             rollout_host_s = rollout.timings["total_s"] - generate_s
@@ -249,6 +261,7 @@ def fdjax_side(args, directory, algo: str) -> dict:
                           "compile_s": compilations.totals()["compile/seconds"] - compiled,
                           "reward_mean": float(rollout.batch.rewards_B.mean()),
                           "distilled": float(rollout.batch.distill_mask_B.sum()), "loss": metrics["loss"],
+                          "probe_rows": metrics.get("teacher/probe_rows", 0.0),
                           "completion_tokens": float(rollout.batch.completion_mask_BC.sum())})
     return {"steps": steps, "peak_rss_gib": _peak_rss_gib()}
 
@@ -423,7 +436,8 @@ def _run_child(args, side: str, algo: str, directory, extra=(), variant: str = "
                    "--new-tokens", str(args.new_tokens), "--pad-multiple", str(args.pad_multiple),
                    "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
-                   *(["--no-share-prompts"] if args.no_share_prompts else []), *extra]
+                   *(["--no-share-prompts"] if args.no_share_prompts else []),
+                   *(["--no-teacher-diagnostics"] if args.no_teacher_diagnostics else []), *extra]
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -496,6 +510,8 @@ def parse_args(argv=None):
     p.add_argument("--sides", default="fdjax,trl", help="comma-separated: fdjax, trl (both: the ratios too)")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="fd_jax: one full forward per row (step.share_prompts=False), the step before issue 19")
+    p.add_argument("--no-teacher-diagnostics", action="store_true",
+                   help="fd_jax FD: the step alone, without the teacher/* diagnostics its trainer runs by default")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side", choices=("fdjax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--algo", default="fd", help=argparse.SUPPRESS)
@@ -518,6 +534,7 @@ def main(argv=None) -> dict:
     load = {"before": os.getloadavg()}
     result = {"model": "tiny-llama (random)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
               "fdjax_share_prompts": not args.no_share_prompts,
+              "fdjax_teacher_diagnostics": not args.no_teacher_diagnostics,
               "shape": {"problems": args.problems, "generations": args.generations, "new_tokens": args.new_tokens,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                         "fdjax_pad_multiple": args.pad_multiple},

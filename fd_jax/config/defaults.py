@@ -154,8 +154,8 @@ def base_config() -> config_dict.ConfigDict:
     c.log.every_steps = 1  # plain log line every N steps (when there is no progress bar)
     c.log.progress = "auto"  # progress bar: auto (on a terminal) | true | false
     c.log.plot_every_steps = 10  # refresh DIR/curves.png every N steps (and at the end)
-    # teacher/* diagnostics cost student and teacher forwards (no grad) on the batch and on the probe: about
-    # 60% of an FD step on the CPU test bed, whose teacher rows are several times the student's length.
+    # teacher/* diagnostics: the batch's come from the train step's own statistics (one teacher-only vocabulary
+    # pass); the probe costs a forward pass of each model on its rows (benchmarks/vs_trl.py FD rows include it).
     c.log.teacher_diagnostics = True  # FD stages: teacher/* metrics (see above)
     c.log.teacher_diagnostics_every_steps = 1  # ... on every Nth step only (N > 1 trades the curve for speed)
     c.log.teacher_diagnostics_first_k = 3  # teacher/kl_first_k_share: the share of the KL on the first k tokens

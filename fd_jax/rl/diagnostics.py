@@ -1,8 +1,7 @@
 """Teacher-advantage diagnostics: does the teacher, given its context, know more than the student?
 
-FD can only distil an advantage the teacher has. These numbers say, every step, whether it has one, from one
-extra forward pass of student and teacher (no gradient), on the batch the step trains on and before the
-step updates anything:
+FD can only distil an advantage the teacher has. These numbers say, every step, whether it has one, on the
+batch the step trains on and before the step updates anything:
 
 * on a *probe* — for each row with a verified-correct sibling, that correct completion scored after the
   row's teacher prompt and after the student prompt (`probe_batch`) — the teacher − student log-probability
@@ -13,9 +12,16 @@ step updates anything:
   between the two prompts — rather than its content), and the teacher's and student's mean entropy per
   token (`teacher/entropy`, `teacher/student_entropy`).
 
-`make_diagnostics(graphdef, cfg)` gives a jitted `diagnose(state, batch, probe) -> metrics`; `batch` and
-`probe` hold the arrays of `BATCH_FIELDS` (the probe's `distill_mask_B` marks its real rows; None: no probe
-rows this step). Rows, not tokens, are the probe's unit, so one long completion does not dominate it.
+The batch's metrics cost almost nothing in training: the train step forms them from its own per-token
+statistics (`make_train_step(..., diagnostics_first_k=k)`; `teacher_sums` / `teacher_metrics`), adding one
+teacher-only vocabulary pass for the teacher's entropy and no forward pass of either model. The probe takes
+one forward pass of each model on its rows (no gradient; the shared-prompt layout of the step where it
+applies) and one vocabulary pass each: `make_diagnostics(graphdef, cfg)` gives a jitted
+`diagnose(state, batch, probe) -> metrics`, where the trainer passes batch=None. `diagnostics(...)` with a
+batch computes the batch's metrics too, plainly (full rows, the statistics kernel), which the tests hold
+the step's against. `batch` and `probe` hold the arrays of `BATCH_FIELDS` (the probe's `distill_mask_B`
+marks its real rows; None: no probe rows this step). Rows, not tokens, are the probe's unit, so one long
+completion does not dominate it.
 """
 
 from __future__ import annotations
@@ -61,26 +67,65 @@ def token_stats(graphdef: nnx.GraphDef, params, teacher_params, rows: dict, cfg:
     return {k: v.reshape(b, c) for k, v in out.items()}
 
 
-def diagnostics(graphdef: nnx.GraphDef, params, teacher_params, batch: dict, probe: dict | None, cfg: StepConfig,
-                first_k: int = FIRST_K) -> dict[str, jax.Array]:
-    """The `teacher/*` scalars (see the module docstring); teacher_params None = the live student."""
-    teacher_params = params if teacher_params is None else teacher_params
-    s = token_stats(graphdef, params, teacher_params, batch, cfg)
-    distill_BC = batch["completion_mask_BC"].astype(jnp.float32) * batch["distill_mask_B"][:, None]
-    tokens = jnp.maximum(distill_BC.sum(), 1.0)
+def teacher_sums(divergence_BC, student_entropy_BC, teacher_entropy_BC, distill_BC,
+                 first_k: int = FIRST_K) -> dict[str, jax.Array]:
+    """The sums over the distilled tokens behind the batch's teacher/* metrics (they add over micro-batches);
+    `teacher_metrics` turns them into the metrics."""
     first_BC = distill_BC * (jnp.arange(distill_BC.shape[1]) < first_k)[None, :]
-    kl = jnp.sum(s["divergence"] * distill_BC)
-    out = {
-        "teacher/kl_first_k_share": jnp.where(kl > 0, jnp.sum(s["divergence"] * first_BC) / jnp.maximum(kl, 1e-30),
-                                              0.0),
-        "teacher/entropy": jnp.sum(s["teacher_entropy"] * distill_BC) / tokens,
-        "teacher/student_entropy": jnp.sum(s["student_entropy"] * distill_BC) / tokens,
-    }
+    return {"kl": jnp.sum(divergence_BC * distill_BC), "kl_first_k": jnp.sum(divergence_BC * first_BC),
+            "entropy": jnp.sum(teacher_entropy_BC * distill_BC),
+            "student_entropy": jnp.sum(student_entropy_BC * distill_BC), "tokens": jnp.sum(distill_BC)}
+
+
+def teacher_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`teacher/kl_first_k_share`, `teacher/entropy` and `teacher/student_entropy` from `teacher_sums`."""
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    kl = sums["kl"]
+    return {"teacher/kl_first_k_share": jnp.where(kl > 0, sums["kl_first_k"] / jnp.maximum(kl, 1e-30), 0.0),
+            "teacher/entropy": sums["entropy"] / tokens, "teacher/student_entropy": sums["student_entropy"] / tokens}
+
+
+def _probe_logprobs(graphdef: nnx.GraphDef, params, teacher_params, probe: dict, cfg: StepConfig):
+    """(student, teacher) log-probs [B, C] of the probe's completions (0 off its real rows): one forward pass
+    of each model, through the step's shared-prompt layout where the probe carries one, and one
+    vocabulary pass each (log-probs need no divergence)."""
+    from fd_jax.rl import step as train_step  # the step imports this module for `teacher_sums`
+
+    student, teacher = nnx.merge(graphdef, params), nnx.merge(graphdef, teacher_params)
+    b, c = probe["completion_tokens_BC"].shape
+    hs_BCD, _ = train_step._student_hidden(student, probe)
+    if train_step._shares(probe, "teacher"):
+        ht_BCD = train_step._shared_prefix_hidden(teacher, probe, "teacher", (b, c))
+    else:
+        ht_BCD = _gather_BCD(teacher.hidden_states(probe["teacher_tokens_BU"], probe["teacher_positions_BU"]),
+                             probe["teacher_index_BC"])
+    mask_N = (probe["completion_mask_BC"] * probe["distill_mask_B"][:, None]).reshape(-1).astype(jnp.float32)
+    ids_N = probe["completion_tokens_BC"].reshape(-1)
+    kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
+    d = hs_BCD.shape[-1]
+    s_logp, _ = token_kl.token_logprobs_and_entropy(hs_BCD.reshape(-1, d), student.unembedding, ids_N, mask_N,
+                                                    **kernel)
+    t_logp, _ = token_kl.token_logprobs_and_entropy(ht_BCD.reshape(-1, d), teacher.unembedding, ids_N, mask_N,
+                                                    **kernel)
+    return s_logp.reshape(b, c), t_logp.reshape(b, c)
+
+
+def diagnostics(graphdef: nnx.GraphDef, params, teacher_params, batch: dict | None, probe: dict | None,
+                cfg: StepConfig, first_k: int = FIRST_K) -> dict[str, jax.Array]:
+    """The `teacher/*` scalars (see the module docstring); teacher_params None = the live student. batch
+    None: the probe's alone (the train step gives the batch's)."""
+    teacher_params = params if teacher_params is None else teacher_params
+    out = {}
+    if batch is not None:
+        s = token_stats(graphdef, params, teacher_params, batch, cfg)
+        distill_BC = batch["completion_mask_BC"].astype(jnp.float32) * batch["distill_mask_B"][:, None]
+        out.update(teacher_metrics(teacher_sums(s["divergence"], s["student_entropy"], s["teacher_entropy"],
+                                                distill_BC, first_k)))
     if probe is not None:
-        p = token_stats(graphdef, params, teacher_params, probe, cfg)
+        s_logp, t_logp = _probe_logprobs(graphdef, params, teacher_params, probe, cfg)
         valid_B = probe["distill_mask_B"].astype(jnp.float32)
         rows = jnp.maximum(valid_B.sum(), 1.0)
-        gain_B = jnp.sum(p["teacher_logp"] - p["student_logp"], axis=1)  # padding is 0 in both
+        gain_B = jnp.sum(t_logp - s_logp, axis=1)  # padding is 0 in both
         out["teacher/logp_gain_correct"] = jnp.sum(gain_B * valid_B) / rows
         out["teacher/better_frac"] = jnp.sum((gain_B > 0) * valid_B) / rows
         out["teacher/probe_rows"] = valid_B.sum()
@@ -88,16 +133,35 @@ def diagnostics(graphdef: nnx.GraphDef, params, teacher_params, batch: dict, pro
 
 
 def make_diagnostics(graphdef: nnx.GraphDef, cfg: StepConfig, *, first_k: int = FIRST_K
-                     ) -> Callable[[object, dict, dict | None], dict[str, jax.Array]]:
-    """A jitted `diagnose(state, batch, probe)` over a `TrainState` (read, never donated)."""
+                     ) -> Callable[[object, dict | None, dict | None], dict[str, jax.Array]]:
+    """A jitted `diagnose(state, batch, probe)` over a `TrainState` (read, never donated). Where the train
+    step shares prompts (`StepConfig.share_prompts`), so does the probe's forward pass: its layout is built
+    here on the host, with shapes that only grow over the run (as the step's)."""
+    from fd_jax.rl import step as train_step  # the step imports this module for `teacher_sums`
+
+    floors: dict = {}
 
     @jax.jit
     def run(params, teacher_params, batch, probe):
         return diagnostics(graphdef, params, teacher_params, batch, probe, cfg, first_k)
 
-    def diagnose(state, batch: dict, probe: dict | None) -> dict[str, jax.Array]:
-        pick = lambda rows: None if rows is None else {k: jnp.asarray(rows[k]) for k in BATCH_FIELDS}  # noqa: E731
-        return run(state.params, state.teacher, pick(batch), pick(probe))
+    def with_layout(probe: dict) -> dict:
+        probe = {k: np.asarray(v) for k, v in probe.items()}
+        # Only the real rows count: the filler rows' completions are not computed at all.
+        probe["completion_mask_BC"] = probe["completion_mask_BC"] * (probe["distill_mask_B"][:, None] > 0)
+        layout = train_step.shared_prompt_inputs(probe, packing=cfg.prompt_packing, floors=floors,
+                                                 frame_fraction=cfg.packing_frame)
+        return {**{k: v for k, v in probe.items() if k not in train_step.SEQUENCE_FIELDS}, **layout}
+
+    def diagnose(state, batch: dict | None, probe: dict | None) -> dict[str, jax.Array]:
+        pick = lambda rows: None if rows is None else {k: rows[k] for k in BATCH_FIELDS}  # noqa: E731
+        probe = pick(probe)
+        if probe is not None and cfg.share_prompts:  # the probe is one batch on one host, never split
+            probe = with_layout(jax.device_get(probe))
+        if batch is None and probe is None:
+            return {}
+        as_arrays = lambda rows: None if rows is None else jax.tree.map(jnp.asarray, rows)  # noqa: E731
+        return run(state.params, state.teacher, as_arrays(pick(batch)), as_arrays(probe))
 
     return diagnose
 

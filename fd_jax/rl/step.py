@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fd_jax.rl import losses
+from fd_jax.rl import diagnostics, losses
 from fd_jax.config.schema import (KERNEL_PASSES, PROMPT_PACKINGS, TEACHERS,  # noqa: F401  (re-exported)
                                   StepConfig)
 from fd_jax.kernels import plan as kernel_plan
@@ -383,10 +383,22 @@ def _student_hidden(student, mb):
     return h_BCD, student.unembedding
 
 
+def _teacher_entropy(ht_BCD, w_teacher_DV, mb, distill_BC, kernel, token_axes=None):
+    """H(p_teacher) per completion token [B, C] (0 off the distilled tokens), a constant."""
+    def entropy(h_ND, ids_N, mask_N, w_DV):
+        return (), token_kl.token_logprobs_and_entropy(h_ND, w_DV, ids_N, mask_N, **kernel)
+
+    _, (_, entropy_BC) = _over_tokens(entropy, token_axes, (ht_BCD, mb["completion_tokens_BC"], distill_BC),
+                                      (w_teacher_DV,))
+    return jax.lax.stop_gradient(entropy_BC)
+
+
 def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef, cfg: StepConfig,
-                     token_axes: TokenAxes = None):
+                     token_axes: TokenAxes = None, diagnostics_first_k: int | None = None):
     """The loss of one micro-batch, already scaled by its share of the whole batch, and its metrics as sums
-    (weighted by tokens) and maxima, to be combined over micro-batches. token_axes: see `_over_tokens`."""
+    (weighted by tokens) and maxima, to be combined over micro-batches. token_axes: see `_over_tokens`.
+    diagnostics_first_k: with a teacher, also the sums of the batch's teacher/* diagnostics
+    (`diagnostics.teacher_sums`, under the key "teacher")."""
     b, c = mb["completion_tokens_BC"].shape
     mask_BC = mb["completion_mask_BC"].astype(jnp.float32)
     ids_BC = mb["completion_tokens_BC"]
@@ -466,6 +478,10 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
         for k in ("fd/is_weight_mean", "fd/is_clip_frac"):
             sums[k] = fd_metrics[k] * sums["distill_tokens"]
         maxes["fd/is_weight_max"] = fd_metrics["fd/is_weight_max"]
+        if diagnostics_first_k is not None:  # from this pass's statistics: no extra forward of either model
+            teacher_entropy_BC = _teacher_entropy(ht_BCD, w_teacher_DV, mb, distill_BC, kernel, token_axes)
+            sums["teacher"] = diagnostics.teacher_sums(divergence_BC, entropy_BC, teacher_entropy_BC, distill_BC,
+                                                       diagnostics_first_k)
     return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
 
 
@@ -485,15 +501,20 @@ def _split_micro(batch, k):
 
 def make_train_step(
     graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, cfg: StepConfig,
-    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None, *, diagnostics_first_k: int | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """A jitted `step(state, batch) -> (state, metrics)`; `batch` holds the arrays named in BATCH_FIELDS.
 
-    The state is donated: its buffers are reused for the new state.
+    The state is donated: its buffers are reused for the new state. diagnostics_first_k: an FD step also
+    returns the batch's teacher/* diagnostics (`fd_jax.rl.diagnostics`, with this k), taken from its own
+    statistics before the update.
     """
+    if cfg.distill_weight == 0:
+        diagnostics_first_k = None  # no teacher to diagnose
 
     def step(state: TrainState, batch: dict, token_axes: TokenAxes = None):
-        loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes)
+        loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes,
+                                    diagnostics_first_k=diagnostics_first_k)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith(PREFIX))
                  if k in batch}
@@ -525,6 +546,7 @@ def make_train_step(
             tau = cfg.ema_tau
             teacher = jax.tree.map(lambda phi, theta: ((1 - tau) * phi + tau * theta).astype(phi.dtype),
                                    teacher, params)
+        teacher_sums = sums.pop("teacher", None)
         tokens = jnp.maximum(sums.pop("tokens"), 1.0)
         distill_tokens = jnp.maximum(sums.pop("distill_tokens"), 1.0)
         metrics = {
@@ -543,6 +565,8 @@ def make_train_step(
                 metrics[key] = value / distill_tokens
             else:
                 metrics[key] = value
+        if teacher_sums is not None:
+            metrics.update(diagnostics.teacher_metrics(teacher_sums))
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
         return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics

@@ -331,10 +331,12 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
         return _run_sft_stage(run, stage, state, meta)
     cfg = run.cfg
     optimizer = make_optimizer(stage.optim)
-    step_fn = make_train_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim))
     diagnose = None
     if cfg.log.teacher_diagnostics and stage.step.distill_weight > 0:
         diagnose = make_diagnostics(run.graphdef, stage.step, first_k=cfg.log.teacher_diagnostics_first_k)
+    # The batch's teacher/* come from the step's own statistics; `diagnose` scores only the probe.
+    step_fn = make_train_step(run.graphdef, optimizer, stage.step, learning_rate_schedule(stage.optim),
+                              diagnostics_first_k=cfg.log.teacher_diagnostics_first_k if diagnose else None)
     if meta.get("data"):
         run.iterator.load_state_dict(meta["data"])
     done = int(meta["step"])
@@ -363,12 +365,15 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
             batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
             due = step % cfg.log.teacher_diagnostics_every_steps == 0
             # Before the step moves θ and φ.
-            diagnosed = _diagnose(diagnose if due else None, state, batch, rollout, run.mesh, pad_id)
+            diagnosed = _diagnose(diagnose if due else None, state, rollout, run.mesh, pad_id)
             per_iteration = []
             for _ in range(cfg.num_iterations):
                 state, metrics = step_fn(state, batch)
                 per_iteration.append(metrics)
             per_iteration = [{k: float(v) for k, v in m.items()} for m in jax.device_get(per_iteration)]
+            # The batch's teacher/* of the first iteration (before any update), on the steps they are due.
+            diagnosed.update({k: v for k, v in per_iteration[0].items() if k.startswith("teacher/") and due})
+            per_iteration = [{k: v for k, v in m.items() if not k.startswith("teacher/")} for m in per_iteration]
             record = _record(run, stage, step, rollout, per_iteration, start, time.perf_counter() - train_start,
                              epoch=data_state["epoch"])
             record.update({k: float(v) for k, v in jax.device_get(diagnosed).items()})
@@ -433,15 +438,13 @@ def _run_sft_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tu
     return True, stage.last
 
 
-def _diagnose(diagnose, state: TrainState, batch: dict, rollout: RolloutResult, mesh, pad_id: int) -> dict:
-    """The teacher/* metrics of this batch (`fd_jax.rl.diagnostics`), {} when off. With several hosts the
-    probe is left out: hosts may differ in whether they have probe rows, and all must run one program."""
-    if diagnose is None:
+def _diagnose(diagnose, state: TrainState, rollout: RolloutResult, mesh, pad_id: int) -> dict:
+    """The probe's teacher/* metrics (`fd_jax.rl.diagnostics`; the batch's come from the step), {} when off
+    or without probe rows. With several hosts the probe is left out: hosts may differ in whether they have
+    probe rows, and all must run one program."""
+    if diagnose is None or rollout.probe is None or jax.process_count() > 1:
         return {}
-    probe = None
-    if rollout.probe is not None and jax.process_count() == 1:
-        probe = multihost.global_batch(rollout.probe, mesh, pad_id=pad_id)
-    return diagnose(state, batch, probe)
+    return dict(diagnose(state, None, multihost.global_batch(rollout.probe, mesh, pad_id=pad_id)))
 
 
 def _meta(run: _Run, stage: Stage, step: int, data_state: dict) -> dict:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import transformers
 from flax import nnx
@@ -14,7 +16,7 @@ from flax import nnx
 from fd_jax.models import ModelConfig, init_model
 from fd_jax.rl.batch import pack_train_batch
 from fd_jax.rl.diagnostics import diagnostics, make_diagnostics, probe_batch
-from fd_jax.rl.step import StepConfig, TrainState
+from fd_jax.rl.step import StepConfig, TrainState, init_train_state, make_train_step
 
 CFG = ModelConfig.from_hf(transformers.Qwen3Config(
     vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
@@ -71,14 +73,38 @@ def test_probe_pairs_each_distilled_row_with_its_correct_sibling():
                        group=3, pad_id=0, pad_multiple=4) is None
 
 
-def test_teacher_minus_student_equals_the_direct_computation(models):
+def _direct_batch_metrics(student, teacher, first_k):
+    """Distilled rows: reverse KL (alpha = 1) per token, its share on the first k tokens, and the entropies."""
+    kl_first = kl_all = t_ent = s_ent = tokens = 0.0
+    for b in (0, 2):
+        _, se, s_rows = log_probs(student, STUDENT, COMPLETIONS[b])
+        _, te, t_rows = log_probs(teacher, TEACHER[b], COMPLETIONS[b])
+        kl = (np.exp(s_rows) * (s_rows - t_rows)).sum(-1)
+        kl_first, kl_all = kl_first + kl[:first_k].sum(), kl_all + kl.sum()
+        t_ent, s_ent, tokens = t_ent + te.sum(), s_ent + se.sum(), tokens + len(COMPLETIONS[b])
+    return {"teacher/kl_first_k_share": kl_first / kl_all, "teacher/entropy": t_ent / tokens,
+            "teacher/student_entropy": s_ent / tokens}
+
+
+def _assert_batch_metrics(got, want):
+    np.testing.assert_allclose(got["teacher/kl_first_k_share"], want["teacher/kl_first_k_share"], rtol=1e-4)
+    np.testing.assert_allclose(got["teacher/entropy"], want["teacher/entropy"], rtol=1e-5)
+    np.testing.assert_allclose(got["teacher/student_entropy"], want["teacher/student_entropy"], rtol=1e-5)
+
+
+def _as_dict(rows):
+    return {k: np.asarray(v) for k, v in dataclasses.asdict(rows).items()}
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_teacher_minus_student_equals_the_direct_computation(models, share_prompts):
     student, teacher = models
     batch, probe = _batches()
     graphdef, params = nnx.split(student)
     _, teacher_params = nnx.split(teacher)
-    as_dict = lambda b: {k: np.asarray(v) for k, v in dataclasses.asdict(b).items()}  # noqa: E731
     state = TrainState(np.zeros((), np.int32), params, teacher_params, None, None)
-    got = jax.device_get(make_diagnostics(graphdef, STEP, first_k=2)(state, as_dict(batch), as_dict(probe)))
+    step_cfg = dataclasses.replace(STEP, share_prompts=share_prompts)  # the probe's forward: layout or full rows
+    got = jax.device_get(make_diagnostics(graphdef, step_cfg, first_k=2)(state, _as_dict(batch), _as_dict(probe)))
 
     gains = []
     for b in (0, 2):  # the distilled rows, scored on the correct sibling's completion (row 1)
@@ -88,18 +114,29 @@ def test_teacher_minus_student_equals_the_direct_computation(models):
     np.testing.assert_allclose(got["teacher/logp_gain_correct"], np.mean(gains), rtol=1e-4, atol=1e-5)
     assert got["teacher/better_frac"] == np.mean(np.array(gains) > 0)
     assert got["teacher/probe_rows"] == 2
+    _assert_batch_metrics(got, _direct_batch_metrics(student, teacher, first_k=2))
 
-    # Distilled rows: reverse KL (alpha = 1) per token, its share on the first 2 tokens, and the entropies.
-    kl_first = kl_all = t_ent = s_ent = tokens = 0.0
-    for b in (0, 2):
-        _, se, s_rows = log_probs(student, STUDENT, COMPLETIONS[b])
-        _, te, t_rows = log_probs(teacher, TEACHER[b], COMPLETIONS[b])
-        kl = (np.exp(s_rows) * (s_rows - t_rows)).sum(-1)
-        kl_first, kl_all = kl_first + kl[:2].sum(), kl_all + kl.sum()
-        t_ent, s_ent, tokens = t_ent + te.sum(), s_ent + se.sum(), tokens + len(COMPLETIONS[b])
-    np.testing.assert_allclose(got["teacher/kl_first_k_share"], kl_first / kl_all, rtol=1e-4)
-    np.testing.assert_allclose(got["teacher/entropy"], t_ent / tokens, rtol=1e-5)
-    np.testing.assert_allclose(got["teacher/student_entropy"], s_ent / tokens, rtol=1e-5)
+
+@pytest.mark.parametrize("share_prompts,kernel_passes", [(True, "one"), (False, "two")])
+def test_the_train_step_reports_the_batch_metrics_before_its_update(models, share_prompts, kernel_passes):
+    """The trainer takes the batch's teacher/* from the step's own statistics (no extra forward pass): they
+    must be the direct computation's, with the weights the step starts from, whatever the layout and the
+    kernel. A step made without diagnostics reports none."""
+    student, teacher = models
+    batch, _ = _batches()
+    graphdef, params = nnx.split(student)
+    _, teacher_params = nnx.split(teacher)
+    want = _direct_batch_metrics(student, teacher, first_k=2)  # before the step donates the weights
+    step_cfg = dataclasses.replace(STEP, share_prompts=share_prompts, kernel_passes=kernel_passes)
+    optimizer = optax.sgd(0.5)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (the step donates its state)
+    state = init_train_state(copy(params), optimizer, step_cfg)._replace(teacher=copy(teacher_params))
+    new_state, metrics = make_train_step(graphdef, optimizer, step_cfg, diagnostics_first_k=2)(state, _as_dict(batch))
+    _assert_batch_metrics(jax.device_get(metrics), want)
+    assert float(optax.global_norm(jax.tree.map(jnp.subtract, new_state.params, params))) > 0  # it did update
+    state = init_train_state(copy(params), optimizer, step_cfg)._replace(teacher=copy(teacher_params))
+    _, plain = make_train_step(graphdef, optimizer, step_cfg)(state, _as_dict(batch))
+    assert not any(k.startswith("teacher/") for k in plain)
 
 
 def test_without_probe_rows_only_the_batch_metrics(models):

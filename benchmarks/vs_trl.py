@@ -52,6 +52,7 @@ CPU the absolute seconds move with it, which is why both sides run back to back 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -247,9 +248,10 @@ def fdjax_side(args, directory, algo: str) -> dict:
             batch_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, mesh, pad_id=pad_id)
             train_start = time.perf_counter()
-            due = (t + 1) % cfg.log.teacher_diagnostics_every_steps == 0
-            diagnosed = loop._diagnose(diagnose if due else None, state, rollout, mesh, pad_id)
-            state, metrics = step_fn(state, batch)
+            due = diagnose is not None and (t + 1) % cfg.log.teacher_diagnostics_every_steps == 0
+            rides = due and rollout.probe is not None and step_fn.takes_probe(batch)  # as the trainer's loop
+            diagnosed = {} if rides else loop._diagnose(diagnose if due else None, state, rollout, mesh, pad_id)
+            state, metrics = step_fn(state, batch, dataclasses.asdict(rollout.probe) if rides else None)
             metrics = {k: float(v) for k, v in jax.device_get({**metrics, **diagnosed}).items()}
             end = time.perf_counter()
             generate_s = rollout.timings["generate_s"]

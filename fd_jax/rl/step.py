@@ -85,6 +85,10 @@ PREFIX = "prefix/"  # batch keys of the shared-prompt layout (`shared_prompt_inp
 TEACHER_FIELDS = tuple(k for k in BATCH_FIELDS if k.startswith("teacher_"))  # read only by a teacher pass
 # The full prompt + completion rows, which a shared-prompt layout replaces (`shared_prompt_inputs`).
 SEQUENCE_FIELDS = tuple(k for k in BATCH_FIELDS if k.endswith(("_BS", "_BU")))
+# The teacher-advantage probe (`fd_jax.rl.diagnostics.probe_batch`) riding on a step: its rows share the
+# step's prompt prefixes, so its completions are packed into the step's layout (`with_probe`).
+PROBE = "probe/"
+PROBE_FIELDS = ("completion_tokens_BC", "completion_mask_BC", "distill_mask_B")
 
 
 def _bucket_rows(n: int) -> int:
@@ -216,6 +220,42 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     return out
 
 
+def with_probe(batch: dict, probe: dict) -> dict:
+    """Host side (numpy): the batch's rows followed by the probe's (its real rows only: the fillers' masks are
+    zeroed), padded to common widths, for one shared-prompt layout over both (`shared_prompt_inputs`), plus
+    the probe's `PROBE_FIELDS` under `probe/`. A probe row's prompts are its batch row's, so the probe adds
+    no prefix: only its completion tokens are computed, against the caches the step builds anyway."""
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    probe = {k: np.asarray(v) for k, v in probe.items()}
+    probe["completion_mask_BC"] = probe["completion_mask_BC"] * (probe["distill_mask_B"][:, None] > 0)
+    joint = dict(batch)
+    for k, v in batch.items():
+        if k in probe and v.ndim == 2:
+            width = max(v.shape[1], probe[k].shape[1])
+            joint[k] = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in (v, probe[k])])
+        elif k in probe:
+            joint[k] = np.concatenate([v, probe[k]])
+    return joint, {f"{PROBE}{k}": probe[k] for k in PROBE_FIELDS}
+
+
+def _layout_shape(mb) -> tuple[int, int]:
+    """[rows, columns] of the hidden states a shared-prompt layout gives: the batch's, then a probe's."""
+    b, c = mb["completion_tokens_BC"].shape
+    if f"{PROBE}completion_tokens_BC" not in mb:
+        return b, c
+    bp, cp = mb[f"{PROBE}completion_tokens_BC"].shape
+    return b + bp, max(c, cp)
+
+
+def _split_probe(mb, h_XYD):
+    """(the batch's rows [B, C, D], the probe's [Bp, Cp, D] or None) of `_layout_shape` hidden states."""
+    b, c = mb["completion_tokens_BC"].shape
+    if f"{PROBE}completion_tokens_BC" not in mb:
+        return h_XYD, None
+    cp = mb[f"{PROBE}completion_tokens_BC"].shape[1]
+    return h_XYD[:b, :c], jax.lax.stop_gradient(h_XYD[b:, :cp])
+
+
 def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
     """[B, C, D] final hidden states at the positions that predict the completion (zeros where the layout's
     mask was 0: padding, and for the teacher the rows that take no FD loss), computed as: each distinct
@@ -246,7 +286,8 @@ def _shares(mb, family: str) -> bool:
 
 
 def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
-    """(student h_BCD, teacher h_BCD) at the positions that predict the completion tokens."""
+    """(student h_BCD, teacher h_BCD, W, W_teacher, probe) at the positions that predict the completion
+    tokens; probe: (student, teacher) hidden states of a probe riding on the step (`with_probe`), or None."""
     student = nnx.merge(graphdef, params)
     if cfg.teacher == "live" and cfg.fuse_live_passes:
         b = mb["student_tokens_BS"].shape[0]
@@ -258,15 +299,30 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
         hidden = student.hidden_states(tokens, positions)
         hs = _gather_BCD(hidden[:b], mb["student_index_BC"])
         ht = _gather_BCD(hidden[b:], mb["teacher_index_BC"])
-        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding)
+        return hs, jax.lax.stop_gradient(ht), student.unembedding, jax.lax.stop_gradient(student.unembedding), None
     teacher = student if cfg.teacher == "live" else nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
-    hs, w_DV = _student_hidden(student, mb)
+    hs, hs_probe, w_DV = _student_hidden(student, mb, probe=True)
     if _shares(mb, "teacher"):
-        ht = _shared_prefix_hidden(teacher, mb, "teacher", mb["completion_tokens_BC"].shape)
+        ht, ht_probe = _split_probe(mb, _shared_prefix_hidden(teacher, mb, "teacher", _layout_shape(mb)))
     else:
-        ht = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]),
-                         mb["teacher_index_BC"])
-    return hs, jax.lax.stop_gradient(ht), w_DV, jax.lax.stop_gradient(teacher.unembedding)
+        ht, ht_probe = _gather_BCD(teacher.hidden_states(mb["teacher_tokens_BU"], mb["teacher_positions_BU"]),
+                                   mb["teacher_index_BC"]), None
+    probe = None if hs_probe is None or ht_probe is None else (hs_probe, jax.lax.stop_gradient(ht_probe))
+    return hs, jax.lax.stop_gradient(ht), w_DV, jax.lax.stop_gradient(teacher.unembedding), probe
+
+
+def _probe_sums(student_h, teacher_h, w_DV, w_teacher_DV, mb, kernel) -> dict:
+    """The probe's sums (`teacher/logp_gain_correct` and co., as `fd_jax.rl.diagnostics`): teacher − student
+    log-probability of each probe row's completion, from the hidden states of a probe riding on the step."""
+    ids_BC = mb[f"{PROBE}completion_tokens_BC"]
+    b, c = ids_BC.shape
+    mask_N = mb[f"{PROBE}completion_mask_BC"].reshape(-1).astype(jnp.float32)
+    logp = [token_kl.token_logprobs_and_entropy(h.reshape(b * c, -1), jax.lax.stop_gradient(w), ids_BC.reshape(-1),
+                                                mask_N, **kernel)[0].reshape(b, c)
+            for h, w in ((student_h, w_DV), (teacher_h, w_teacher_DV))]
+    gain_B = jnp.sum(logp[1] - logp[0], axis=1)  # padding is 0 in both
+    valid_B = mb[f"{PROBE}distill_mask_B"].astype(jnp.float32)
+    return {"gain": jnp.sum(gain_B * valid_B), "better": jnp.sum((gain_B > 0) * valid_B), "rows": jnp.sum(valid_B)}
 
 
 def _normalisers(mb, cfg: StepConfig):
@@ -374,13 +430,16 @@ def _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kerne
     return jax.lax.stop_gradient(ref_logp_BC)
 
 
-def _student_hidden(student, mb):
-    """(h_BCD, W) of a model (the student, or the reference) on the student's rows."""
+def _student_hidden(student, mb, *, probe: bool = False):
+    """(h_BCD, W) of a model (the student, or the reference) on the student's rows; probe=True: (h_BCD,
+    the rows of a probe riding on the step or None, W)."""
+    h_probe = None
     if _shares(mb, "student"):
-        return _shared_prefix_hidden(student, mb, "student", mb["completion_tokens_BC"].shape), student.unembedding
-    h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
-                        mb["student_index_BC"])
-    return h_BCD, student.unembedding
+        h_BCD, h_probe = _split_probe(mb, _shared_prefix_hidden(student, mb, "student", _layout_shape(mb)))
+    else:
+        h_BCD = _gather_BCD(student.hidden_states(mb["student_tokens_BS"], mb["student_positions_BS"]),
+                            mb["student_index_BC"])
+    return (h_BCD, h_probe, student.unembedding) if probe else (h_BCD, student.unembedding)
 
 
 def _teacher_entropy(ht_BCD, w_teacher_DV, mb, distill_BC, kernel, token_axes=None):
@@ -413,7 +472,7 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
         ref_logp_BC = _reference_logprobs(graphdef, teacher_params, ref_params, mb, mask_BC, kernel, token_axes)
 
     if w > 0:
-        hs_BCD, ht_BCD, w_DV, w_teacher_DV = _hidden_states(graphdef, params, teacher_params, mb, cfg)
+        hs_BCD, ht_BCD, w_DV, w_teacher_DV, probe_h = _hidden_states(graphdef, params, teacher_params, mb, cfg)
     else:  # GRPO alone: no teacher pass at all
         (hs_BCD, w_DV), ht_BCD, w_teacher_DV = _student_hidden(nnx.merge(graphdef, params), mb), None, None
     divergence = dict(alpha=cfg.alpha, mode=cfg.distill_mode, top_k=cfg.top_k if cfg.distill_mode == "topk" else None,
@@ -482,6 +541,8 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
             teacher_entropy_BC = _teacher_entropy(ht_BCD, w_teacher_DV, mb, distill_BC, kernel, token_axes)
             sums["teacher"] = diagnostics.teacher_sums(divergence_BC, entropy_BC, teacher_entropy_BC, distill_BC,
                                                        diagnostics_first_k)
+        if probe_h is not None:
+            sums["probe"] = _probe_sums(*probe_h, w_DV, w_teacher_DV, mb, kernel)
     return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
 
 
@@ -516,7 +577,7 @@ def make_train_step(
         loss_fn = functools.partial(micro_batch_loss, graphdef=graphdef, cfg=cfg, token_axes=token_axes,
                                     diagnostics_first_k=diagnostics_first_k)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith(PREFIX))
+        batch = {k: jnp.asarray(batch[k]) for k in BATCH_FIELDS + tuple(k for k in batch if k.startswith((PREFIX, PROBE)))
                  if k in batch}
         b = batch["completion_tokens_BC"].shape[0]
         if b % cfg.micro_batches:
@@ -546,7 +607,7 @@ def make_train_step(
             tau = cfg.ema_tau
             teacher = jax.tree.map(lambda phi, theta: ((1 - tau) * phi + tau * theta).astype(phi.dtype),
                                    teacher, params)
-        teacher_sums = sums.pop("teacher", None)
+        teacher_sums, probe_sums = sums.pop("teacher", None), sums.pop("probe", None)
         tokens = jnp.maximum(sums.pop("tokens"), 1.0)
         distill_tokens = jnp.maximum(sums.pop("distill_tokens"), 1.0)
         metrics = {
@@ -567,6 +628,11 @@ def make_train_step(
                 metrics[key] = value
         if teacher_sums is not None:
             metrics.update(diagnostics.teacher_metrics(teacher_sums))
+        if probe_sums is not None:  # as `diagnostics.diagnostics` scores a probe
+            rows = jnp.maximum(probe_sums["rows"], 1.0)
+            metrics.update({"teacher/logp_gain_correct": probe_sums["gain"] / rows,
+                            "teacher/better_frac": probe_sums["better"] / rows,
+                            "teacher/probe_rows": probe_sums["rows"]})
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
         return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics
@@ -574,7 +640,9 @@ def make_train_step(
     compiled: dict = {}
     floors: dict = {}  # share_prompts: the shared-prompt layout's shapes never shrink within this step's run
 
-    def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def run(state: TrainState, batch: dict, probe: dict | None = None) -> tuple[TrainState, dict]:
+        """probe: the rows of `diagnostics.probe_batch` (BATCH_FIELDS), scored in this step before its update
+        (`teacher/logp_gain_correct` and co. in the metrics) where `takes_probe(batch)`; else ignored."""
         # The new state keeps the shardings of the old one. Left to propagation, XLA may pick other layouts
         # for some outputs (e.g. split 1-D norm scales), which recompiles the next step and defeats donation.
         # Only mesh placements are pinned; single-device (possibly uncommitted) leaves stay free.
@@ -586,8 +654,12 @@ def make_train_step(
         if not distills:  # GRPO never reads the teacher's arrays; passed in, their shapes would recompile it
             batch = {k: v for k, v in batch.items() if not k.startswith(TEACHER_FIELDS)}
         if _uses_shared_prompts(cfg, token_axes):
-            layout = shared_prompt_inputs(jax.device_get(batch), packing=cfg.prompt_packing, floors=floors,
+            rows, probe_fields = jax.device_get(batch), {}
+            if probe is not None and distills:
+                rows, probe_fields = with_probe(rows, jax.device_get(probe))
+            layout = shared_prompt_inputs(rows, packing=cfg.prompt_packing, floors=floors,
                                           frame_fraction=cfg.packing_frame, teacher=distills)
+            layout.update(probe_fields)
             # The layout replaces the full rows: passed in as well, their widths (which follow the prompts, a
             # teacher's checker feedback above all) would compile a new program for arrays never read.
             batch = {**{k: batch[k] for k in BATCH_FIELDS if k in batch and k not in SEQUENCE_FIELDS}, **layout}
@@ -597,4 +669,10 @@ def make_train_step(
                                     out_shardings=(shardings, None))
         return compiled[key](state, batch)
 
+    def takes_probe(batch: dict) -> bool:
+        """Whether `run(state, batch, probe)` scores the probe (an FD step sharing prompts): else the caller
+        scores it apart (`diagnostics.make_diagnostics`)."""
+        return cfg.distill_weight > 0 and _uses_shared_prompts(cfg, token_axes_of(batch))
+
+    run.takes_probe = takes_probe
     return run

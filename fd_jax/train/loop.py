@@ -363,12 +363,16 @@ def _run_stage(run: _Run, stage: Stage, state: TrainState, meta: dict) -> tuple[
                                             next_data_state)
             train_start = time.perf_counter()
             batch = multihost.global_batch(rollout.batch, run.mesh, pad_id=pad_id)
-            due = step % cfg.log.teacher_diagnostics_every_steps == 0
-            # Before the step moves θ and φ.
-            diagnosed = _diagnose(diagnose if due else None, state, rollout, run.mesh, pad_id)
+            due = diagnose is not None and step % cfg.log.teacher_diagnostics_every_steps == 0
+            # Before the step moves θ and φ: the probe rides on the first iteration, sharing its prompt
+            # prefixes (`make_train_step`), or is scored apart where the step does not share prompts.
+            probe = rollout.probe if due and jax.process_count() == 1 else None
+            rides = probe is not None and step_fn.takes_probe(batch)
+            diagnosed = {} if rides else _diagnose(diagnose if due else None, state, rollout, run.mesh, pad_id)
             per_iteration = []
-            for _ in range(cfg.num_iterations):
-                state, metrics = step_fn(state, batch)
+            for i in range(cfg.num_iterations):
+                ride = dataclasses.asdict(probe) if rides and i == 0 else None
+                state, metrics = step_fn(state, batch, ride)
                 per_iteration.append(metrics)
             per_iteration = [{k: float(v) for k, v in m.items()} for m in jax.device_get(per_iteration)]
             # The batch's teacher/* of the first iteration (before any update), on the steps they are due.

@@ -139,6 +139,38 @@ def test_the_train_step_reports_the_batch_metrics_before_its_update(models, shar
     assert not any(k.startswith("teacher/") for k in plain)
 
 
+def test_a_probe_riding_on_the_step_scores_as_the_direct_computation(models):
+    """The trainer packs the probe's completions into the step's shared-prompt layout (its prompts are the
+    batch rows'): the probe's metrics must be the direct computation's, and the step's own loss, gradient
+    and batch metrics those of the step without the probe."""
+    student, teacher = models
+    batch, probe = _batches()
+    graphdef, params = nnx.split(student)
+    _, teacher_params = nnx.split(teacher)
+    gains = []
+    for b in (0, 2):
+        t, _, _ = log_probs(teacher, TEACHER[b], COMPLETIONS[1])
+        s, _, _ = log_probs(student, STUDENT, COMPLETIONS[1])
+        gains.append(t.sum() - s.sum())
+    optimizer = optax.sgd(0.5)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (the step donates its state)
+    out = {}
+    for ride in (False, True):
+        state = init_train_state(copy(params), optimizer, STEP)._replace(teacher=copy(teacher_params))
+        step_fn = make_train_step(graphdef, optimizer, STEP, diagnostics_first_k=2)
+        assert step_fn.takes_probe(_as_dict(batch))
+        out[ride] = jax.device_get(step_fn(state, _as_dict(batch), _as_dict(probe) if ride else None)[1])
+    got = out[True]
+    np.testing.assert_allclose(got["teacher/logp_gain_correct"], np.mean(gains), rtol=1e-4, atol=1e-5)
+    assert got["teacher/better_frac"] == np.mean(np.array(gains) > 0)
+    assert got["teacher/probe_rows"] == 2
+    assert "teacher/probe_rows" not in out[False]
+    for key in ("loss", "grad_norm", "kl_mean", "entropy", "teacher/entropy", "teacher/kl_first_k_share"):
+        np.testing.assert_allclose(got[key], out[False][key], rtol=1e-5, err_msg=key)
+    unshared = dataclasses.replace(STEP, share_prompts=False)  # no layout to ride on: the caller scores it apart
+    assert not make_train_step(graphdef, optimizer, unshared).takes_probe(_as_dict(batch))
+
+
 def test_without_probe_rows_only_the_batch_metrics(models):
     student, _ = models
     batch, _ = _batches()

@@ -14,10 +14,12 @@ batch the step trains on and before the step updates anything:
 
 The batch's metrics cost almost nothing in training: the train step forms them from its own per-token
 statistics (`make_train_step(..., diagnostics_first_k=k)`; `teacher_sums` / `teacher_metrics`), adding one
-teacher-only vocabulary pass for the teacher's entropy and no forward pass of either model. The probe takes
-one forward pass of each model on its rows (no gradient; the shared-prompt layout of the step where it
-applies) and one vocabulary pass each: `make_diagnostics(graphdef, cfg)` gives a jitted
-`diagnose(state, batch, probe) -> metrics`, where the trainer passes batch=None. `diagnostics(...)` with a
+teacher-only vocabulary pass for the teacher's entropy and no forward pass of either model. The probe's
+rows have the batch rows' prompts, so where the step shares prompts the probe rides on it
+(`run(state, batch, probe)` of `make_train_step`, `step.with_probe`): its completions are packed into the
+step's layout against the prefix caches the step builds anyway. Elsewhere it takes one forward pass of each
+model on its rows (no gradient) and one vocabulary pass each: `make_diagnostics(graphdef, cfg)` gives a
+jitted `diagnose(state, batch, probe) -> metrics`, where the trainer passes batch=None. `diagnostics(...)` with a
 batch computes the batch's metrics too, plainly (full rows, the statistics kernel), which the tests hold
 the step's against. `batch` and `probe` hold the arrays of `BATCH_FIELDS` (the probe's `distill_mask_B`
 marks its real rows; None: no probe rows this step). Rows, not tokens, are the probe's unit, so one long

@@ -87,29 +87,49 @@ def teacher_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
             "teacher/entropy": sums["entropy"] / tokens, "teacher/student_entropy": sums["student_entropy"] / tokens}
 
 
-def _probe_logprobs(graphdef: nnx.GraphDef, params, teacher_params, probe: dict, cfg: StepConfig):
-    """(student, teacher) log-probs [B, C] of the probe's completions (0 off its real rows): one forward pass
-    of each model, through the step's shared-prompt layout where the probe carries one, and one
-    vocabulary pass each (log-probs need no divergence)."""
+def probe_sums(student_h_BCD, teacher_h_BCD, w_DV, w_teacher_DV, probe: dict, kernel: dict) -> dict[str, jax.Array]:
+    """The sums behind the probe's teacher/* metrics, from both models' hidden states at its completion
+    positions: teacher − student log-probability of each real row's completion (one vocabulary pass each;
+    log-probs need no divergence). `probe_metrics` turns them into the metrics."""
+    ids_BC = probe["completion_tokens_BC"]
+    b, c = ids_BC.shape
+    valid_B = probe["distill_mask_B"].astype(jnp.float32)
+    mask_N = (probe["completion_mask_BC"] * valid_B[:, None]).reshape(-1).astype(jnp.float32)
+    s_logp, t_logp = (token_kl.token_logprobs_and_entropy(h.reshape(b * c, -1), jax.lax.stop_gradient(w),
+                                                          ids_BC.reshape(-1), mask_N, **kernel)[0].reshape(b, c)
+                      for h, w in ((student_h_BCD, w_DV), (teacher_h_BCD, w_teacher_DV)))
+    gain_B = jnp.sum(t_logp - s_logp, axis=1)  # padding is 0 in both
+    return {"gain": jnp.sum(gain_B * valid_B), "better": jnp.sum((gain_B > 0) * valid_B), "rows": jnp.sum(valid_B)}
+
+
+def probe_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`teacher/logp_gain_correct`, `teacher/better_frac` and `teacher/probe_rows` from `probe_sums`."""
+    rows = jnp.maximum(sums["rows"], 1.0)
+    return {"teacher/logp_gain_correct": sums["gain"] / rows, "teacher/better_frac": sums["better"] / rows,
+            "teacher/probe_rows": sums["rows"]}
+
+
+def real_rows_only(probe: dict) -> dict:
+    """Host side (numpy): the probe with its filler rows' completion masks zeroed, so that a shared-prompt
+    layout computes none of their tokens (`probe_batch` repeats its first row up to B)."""
+    probe = {k: np.asarray(v) for k, v in probe.items()}
+    probe["completion_mask_BC"] = probe["completion_mask_BC"] * (probe["distill_mask_B"][:, None] > 0)
+    return probe
+
+
+def _probe_hidden(graphdef: nnx.GraphDef, params, teacher_params, probe: dict):
+    """(student, teacher) hidden states [B, C, D] at the probe's completion positions: one forward pass of
+    each model, through the step's shared-prompt layout where the probe carries one."""
     from fd_jax.rl import step as train_step  # the step imports this module for `teacher_sums`
 
     student, teacher = nnx.merge(graphdef, params), nnx.merge(graphdef, teacher_params)
-    b, c = probe["completion_tokens_BC"].shape
     hs_BCD, _ = train_step._student_hidden(student, probe)
     if train_step._shares(probe, "teacher"):
-        ht_BCD = train_step._shared_prefix_hidden(teacher, probe, "teacher", (b, c))
+        ht_BCD = train_step._shared_prefix_hidden(teacher, probe, "teacher", probe["completion_tokens_BC"].shape)
     else:
         ht_BCD = _gather_BCD(teacher.hidden_states(probe["teacher_tokens_BU"], probe["teacher_positions_BU"]),
                              probe["teacher_index_BC"])
-    mask_N = (probe["completion_mask_BC"] * probe["distill_mask_B"][:, None]).reshape(-1).astype(jnp.float32)
-    ids_N = probe["completion_tokens_BC"].reshape(-1)
-    kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
-    d = hs_BCD.shape[-1]
-    s_logp, _ = token_kl.token_logprobs_and_entropy(hs_BCD.reshape(-1, d), student.unembedding, ids_N, mask_N,
-                                                    **kernel)
-    t_logp, _ = token_kl.token_logprobs_and_entropy(ht_BCD.reshape(-1, d), teacher.unembedding, ids_N, mask_N,
-                                                    **kernel)
-    return s_logp.reshape(b, c), t_logp.reshape(b, c)
+    return hs_BCD, ht_BCD, student.unembedding, teacher.unembedding
 
 
 def diagnostics(graphdef: nnx.GraphDef, params, teacher_params, batch: dict | None, probe: dict | None,
@@ -124,13 +144,8 @@ def diagnostics(graphdef: nnx.GraphDef, params, teacher_params, batch: dict | No
         out.update(teacher_metrics(teacher_sums(s["divergence"], s["student_entropy"], s["teacher_entropy"],
                                                 distill_BC, first_k)))
     if probe is not None:
-        s_logp, t_logp = _probe_logprobs(graphdef, params, teacher_params, probe, cfg)
-        valid_B = probe["distill_mask_B"].astype(jnp.float32)
-        rows = jnp.maximum(valid_B.sum(), 1.0)
-        gain_B = jnp.sum(t_logp - s_logp, axis=1)  # padding is 0 in both
-        out["teacher/logp_gain_correct"] = jnp.sum(gain_B * valid_B) / rows
-        out["teacher/better_frac"] = jnp.sum((gain_B > 0) * valid_B) / rows
-        out["teacher/probe_rows"] = valid_B.sum()
+        kernel = dict(token_chunk=cfg.token_chunk, vocab_tile=cfg.vocab_tile, backend=cfg.kernel_backend)
+        out.update(probe_metrics(probe_sums(*_probe_hidden(graphdef, params, teacher_params, probe), probe, kernel)))
     return out
 
 
@@ -148,9 +163,7 @@ def make_diagnostics(graphdef: nnx.GraphDef, cfg: StepConfig, *, first_k: int = 
         return diagnostics(graphdef, params, teacher_params, batch, probe, cfg, first_k)
 
     def with_layout(probe: dict) -> dict:
-        probe = {k: np.asarray(v) for k, v in probe.items()}
-        # Only the real rows count: the filler rows' completions are not computed at all.
-        probe["completion_mask_BC"] = probe["completion_mask_BC"] * (probe["distill_mask_B"][:, None] > 0)
+        probe = real_rows_only(probe)
         layout = train_step.shared_prompt_inputs(probe, packing=cfg.prompt_packing, floors=floors,
                                                  frame_fraction=cfg.packing_frame)
         return {**{k: v for k, v in probe.items() if k not in train_step.SEQUENCE_FIELDS}, **layout}

@@ -220,14 +220,13 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     return out
 
 
-def with_probe(batch: dict, probe: dict) -> dict:
+def with_probe(batch: dict, probe: dict) -> tuple[dict, dict]:
     """Host side (numpy): the batch's rows followed by the probe's (its real rows only: the fillers' masks are
     zeroed), padded to common widths, for one shared-prompt layout over both (`shared_prompt_inputs`), plus
     the probe's `PROBE_FIELDS` under `probe/`. A probe row's prompts are its batch row's, so the probe adds
     no prefix: only its completion tokens are computed, against the caches the step builds anyway."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    probe = {k: np.asarray(v) for k, v in probe.items()}
-    probe["completion_mask_BC"] = probe["completion_mask_BC"] * (probe["distill_mask_B"][:, None] > 0)
+    probe = diagnostics.real_rows_only(probe)
     joint = dict(batch)
     for k, v in batch.items():
         if k in probe and v.ndim == 2:
@@ -309,20 +308,6 @@ def _hidden_states(graphdef, params, teacher_params, mb, cfg: StepConfig):
                                    mb["teacher_index_BC"]), None
     probe = None if hs_probe is None or ht_probe is None else (hs_probe, jax.lax.stop_gradient(ht_probe))
     return hs, jax.lax.stop_gradient(ht), w_DV, jax.lax.stop_gradient(teacher.unembedding), probe
-
-
-def _probe_sums(student_h, teacher_h, w_DV, w_teacher_DV, mb, kernel) -> dict:
-    """The probe's sums (`teacher/logp_gain_correct` and co., as `fd_jax.rl.diagnostics`): teacher − student
-    log-probability of each probe row's completion, from the hidden states of a probe riding on the step."""
-    ids_BC = mb[f"{PROBE}completion_tokens_BC"]
-    b, c = ids_BC.shape
-    mask_N = mb[f"{PROBE}completion_mask_BC"].reshape(-1).astype(jnp.float32)
-    logp = [token_kl.token_logprobs_and_entropy(h.reshape(b * c, -1), jax.lax.stop_gradient(w), ids_BC.reshape(-1),
-                                                mask_N, **kernel)[0].reshape(b, c)
-            for h, w in ((student_h, w_DV), (teacher_h, w_teacher_DV))]
-    gain_B = jnp.sum(logp[1] - logp[0], axis=1)  # padding is 0 in both
-    valid_B = mb[f"{PROBE}distill_mask_B"].astype(jnp.float32)
-    return {"gain": jnp.sum(gain_B * valid_B), "better": jnp.sum((gain_B > 0) * valid_B), "rows": jnp.sum(valid_B)}
 
 
 def _normalisers(mb, cfg: StepConfig):
@@ -542,7 +527,8 @@ def micro_batch_loss(params, teacher_params, ref_params, mb, totals, *, graphdef
             sums["teacher"] = diagnostics.teacher_sums(divergence_BC, entropy_BC, teacher_entropy_BC, distill_BC,
                                                        diagnostics_first_k)
         if probe_h is not None:
-            sums["probe"] = _probe_sums(*probe_h, w_DV, w_teacher_DV, mb, kernel)
+            probe = {k: mb[f"{PROBE}{k}"] for k in PROBE_FIELDS}
+            sums["probe"] = diagnostics.probe_sums(*probe_h, w_DV, w_teacher_DV, probe, kernel)
     return (loss if one_pass_loss is None else one_pass_loss), (sums, maxes)
 
 
@@ -628,11 +614,8 @@ def make_train_step(
                 metrics[key] = value
         if teacher_sums is not None:
             metrics.update(diagnostics.teacher_metrics(teacher_sums))
-        if probe_sums is not None:  # as `diagnostics.diagnostics` scores a probe
-            rows = jnp.maximum(probe_sums["rows"], 1.0)
-            metrics.update({"teacher/logp_gain_correct": probe_sums["gain"] / rows,
-                            "teacher/better_frac": probe_sums["better"] / rows,
-                            "teacher/probe_rows": probe_sums["rows"]})
+        if probe_sums is not None:
+            metrics.update(diagnostics.probe_metrics(probe_sums))
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
         return TrainState(state.step + 1, params, teacher, state.ref, opt_state), metrics

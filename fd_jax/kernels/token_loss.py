@@ -10,12 +10,14 @@ is a sum of per-token terms,
 each token's cotangent is known as soon as its own statistics are, so one pass suffices: for a chunk of C
 tokens the student and teacher logits [C, V] are formed once (tile by tile, kept in two [C, V] buffers),
 the statistics and `jax.vjp(token_loss)` give the cotangents, and the logit gradient goes straight into
-d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. The sparse entries of
-the gradient (the realised token's column, the top-k support) are added once per chunk, through K gathered
-columns of W and a scatter into dW. Memory is the chunk's [C, V] rows plus the [D, V] accumulator (aliased
-with dW's output when W is f32) instead of [N, V]; `benchmarks/token_kl.py` measures both. Masked tokens
-cost nothing: each chunk gathers the next C counted tokens (`token_kl_xla.compaction`), scatters its
-outputs back in place, and only the chunks holding any are visited.
+d_h (`g Wᵀ`) and an f32 dW accumulator (`hᵀ g`): four matmuls, nothing recomputed. The gradient sweep
+of one chunk and the logit sweep of the next share one loop over the vocabulary tiles, so W is read once
+per chunk and the buffers are rewritten in place. The sparse entries of the gradient (the realised
+token's column, the top-k support) are added once per chunk, through K gathered columns of W and a
+scatter into dW. Memory is the chunk's [C, V] rows plus the [D, V] accumulator (aliased with dW's output
+when W is f32) instead of [N, V]; `benchmarks/token_kl.py` measures both. Masked tokens cost nothing and
+are never read: each chunk gathers the next C counted tokens (`token_kl_xla.compaction`), zeros past the
+last one, scatters its outputs back in place, and only the chunks holding any are visited.
 
 `token_loss(stats: TokenStats, aux) -> [C]` must be elementwise over tokens: token n's term may read only
 stats[n] and aux[n] (aux is any pytree of [N, ...] arrays, a constant: no gradient flows into it). The
@@ -65,92 +67,6 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _chunk_value_and_grad(carry, xs, *, w_DV, wt_DV, tile: int, st, token_loss):
-    """One chunk of C tokens: its loss, stats and d_h, and its hᵀ g added into the dW accumulator.
-
-    Pass A visits the vocabulary tiles: each tile's logits (one matmul for both sides when they share W)
-    update the online statistics while still in cache and are kept in the [C, V] buffers. Then the statistics, the token
-    losses and their cotangents. Pass B revisits the tiles of the buffers: the logit gradient, d_h += g Wᵀ
-    and dW[:, tile] += hᵀ g. A ragged last tile is read at V - T, its already-seen columns masked.
-    """
-    loss, dw_DV, s_CV, t_CV = carry
-    hs_CD, ht_CD, ids_C, mask_C, aux_C = xs
-    support = kernel_plan.ALL_SUPPORTS[st.mode]
-    plan = support.plan(st)
-    num, vocab = s_CV.shape
-    unembed = token_kl_xla.Unembedding(w_DV, wt_DV, tile)
-    num_tiles = -(-vocab // tile)
-    native = hs_CD.dtype == w_DV.dtype and (ht_CD is None or ht_CD.dtype == hs_CD.dtype) and (
-        wt_DV is None or wt_DV.dtype == w_DV.dtype)
-    # A shared W: both sides' rows in one [2C, D] operand, so each tile of W is read once per chunk.
-    stacked = t_CV is not None and wt_DV is None and ht_CD.dtype == hs_CD.dtype
-    hst_2CD = jnp.concatenate([hs_CD, ht_CD]) if stacked else None
-
-    def pass_a(carry, j):
-        state, top, s_CV, t_CV = carry
-        start, valid_T = unembed.position(j)
-        # Hidden states and W of one 16-bit dtype multiply as they are (f32 accumulation): the reference's
-        # logits, and no f32 copy of the tile.
-        w_DT = unembed.student(start, widen=not native)
-        if stacked:  # one [2C, D] x [D, T] matmul for both sides: W's tile is streamed once
-            st_2CT = _dot(hst_2CD, w_DT)
-            s_CT, t_CT = st_2CT[:num], st_2CT[num:]
-        else:
-            s_CT = _dot(hs_CD, w_DT)
-            t_CT = None if t_CV is None else _dot(ht_CD, unembed.teacher(start, w_DT, widen=not native))
-        s_CV = lax.dynamic_update_slice_in_dim(s_CV, s_CT, start, axis=1)
-        if t_CV is not None:
-            t_CV = lax.dynamic_update_slice_in_dim(t_CV, t_CT, start, axis=1)
-        state = tiles.online_update(state, s_CT, t_CT, valid_T)
-        if top is not None:
-            top = tiles.topk_update(top, s_CT, t_CT, start + jnp.arange(tile, dtype=jnp.int32), valid_T)
-        return (state, top, s_CV, t_CV), None
-
-    init = (tiles.online_init(num, plan.has_teacher, plan.sums),
-            None if plan.top_k is None else tiles.topk_init(num, plan.top_k), s_CV, t_CV)
-    (state, top, s_CV, t_CV), _ = lax.scan(pass_a, init, jnp.arange(num_tiles))
-    out = {**tiles.online_finish(state), **(top or {})}
-    if plan.pass2 is not None:
-        zeros = jnp.zeros((num,), jnp.float32)
-        out["kl_pm"], out["kl_qm"] = tiles.pass2_update((zeros, zeros), s_CV, t_CV, out["lse_s"], out["lse_t"],
-                                                        None, plan.pass2)
-    logit_s = jnp.take_along_axis(s_CV, ids_C[:, None], axis=1)[:, 0]
-    logit_t = None if t_CV is None else jnp.take_along_axis(t_CV, ids_C[:, None], axis=1)[:, 0]
-    div, res = support.value(st, out, logit_s, logit_t)
-    res.update(lse_s=out["lse_s"], entropy=out["entropy"])
-    on = mask_C > 0
-    stats = TokenStats(jnp.where(on, div, 0.0), jnp.where(on, logit_s - out["lse_s"], 0.0),
-                       jnp.where(on, out["entropy"], 0.0))
-
-    weight_C = on.astype(jnp.float32)
-    loss_C, vjp = jax.vjp(lambda stats: token_loss(stats, aux_C), stats)
-    # Cotangent weight_C: masked tokens get none (token_loss is elementwise).
-    c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) for ct in vjp(weight_C)[0])
-    plan, tok, cols_CK, coef_CK = token_kl.gradient_terms(st, res, ids_C, c_div, c_logp, c_ent)
-    hs32_DC = hs_CD.T.astype(jnp.float32)
-
-    def pass_b(carry, j):
-        dh_CD, dw_DV = carry
-        start, valid_T = unembed.position(j)
-        w_DT = unembed.student(start)
-        s_CT = lax.dynamic_slice_in_dim(s_CV, start, tile, axis=1)
-        t_CT = None if t_CV is None else lax.dynamic_slice_in_dim(t_CV, start, tile, axis=1)
-        # Materialise g once: left alone, XLA:CPU fuses its elementwise chain (exp included) into both
-        # matmuls' operands and computes it twice.
-        g_CT = lax.optimization_barrier(tiles.logit_grad(s_CT, t_CT, tok, plan.grad_div, valid_T))
-        dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(hs32_DC, g_CT)
-        return (dh_CD + _dot(g_CT, w_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), None
-
-    dh_CD = jnp.zeros(hs_CD.shape, jnp.float32)
-    (dh_CD, dw_DV), _ = lax.scan(pass_b, (dh_CD, dw_DV), jnp.arange(num_tiles))
-    # The sparse entries (K columns per token: the realised token, the top-k support) once per chunk, not
-    # as a compare-and-select over every tile: d_h gathers their K columns of W, dW scatters into them.
-    w_DCK = token_kl_xla.columns(w_DV, cols_CK)
-    dh_CD = dh_CD + jnp.einsum("ck,dck->cd", coef_CK, w_DCK)
-    dw_DV = dw_DV.at[:, cols_CK].add(hs32_DC[:, :, None] * coef_CK[None])
-    return (loss + jnp.sum(loss_C * weight_C), dw_DV, s_CV, t_CV), (stats, dh_CD)
-
-
 def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     """The loss and stats without gradients (the statistics pass of the XLA engine)."""
     stats, _ = token_kl.fused_forward(hs, ht, w, wt, mask, ids, st)
@@ -159,32 +75,186 @@ def _value(hs, ht, w, wt, mask, ids, aux, st, token_loss):
 
 
 def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
+    """(loss, stats, d_h, dW), chunk by chunk, the next chunk's logits formed while this one's gradient is.
+
+    Each chunk of C counted tokens (`token_kl_xla.compaction`: the chunks after the last counted token are
+    never visited) goes through:
+
+    * pass A over the vocabulary tiles: the tile's logits (one matmul for both sides when they share W)
+      update the online statistics while still in cache and are stored in the [C, V] buffers;
+    * the middle: statistics, token losses, their cotangents (`jax.vjp(token_loss)`), the per-token terms
+      of the logit gradient;
+    * pass B over the tiles of the buffers: the logit gradient g, d_h += g Wᵀ, dW[:, tile] += hᵀ g; then
+      the sparse entries (the realised token, the top-k support) once, through K gathered columns of W.
+
+    Pass B of chunk c and pass A of chunk c + 1 run in one loop over the tiles: each tile of W is read once
+    for both, and the buffers are rewritten in place, tile by tile, right after the tile's g is formed (an
+    `optimization_barrier` orders the write after the read). Only the first chunk's pass A and the last
+    chunk's pass B run alone. A ragged last tile is read at V - T with its already-seen columns masked; pass
+    B's mask zeroes g on those columns, which by then hold the next chunk's logits.
+    """
     num, dim = hs.shape
     vocab = w.shape[1]
     chunk, num_chunks = token_kl_xla.blocks(num, st.token_chunk)
-    tile, _ = token_kl_xla.blocks(vocab, st.vocab_tile)
-    # Only chunks holding counted tokens are visited: the counted tokens go first (`compaction`), and the
-    # outputs of the chunks never visited keep their zeros (what a masked token gets anyway). Each chunk
-    # gathers its rows and scatters its outputs in place: no reordered copy of the inputs or outputs.
+    tile, num_tiles = token_kl_xla.blocks(vocab, st.vocab_tile)
     order, _, live_chunks = token_kl_xla.compaction(mask, chunk)
-    order = jnp.pad(order, (0, num_chunks * chunk - num), constant_values=num)  # padding: out of range
-    # A 16-bit W is widened tile by tile (`Unembedding`), twice per chunk: an f32 copy of W would cost as
-    # much memory as the chunk buffers.
-    buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((dim, vocab), jnp.float32), buffer,
-            None if ht is None else buffer)
-    outs = (TokenStats(*(jnp.zeros((num,), jnp.float32) for _ in range(3))), jnp.zeros((num, dim), jnp.float32))
-    step = functools.partial(_chunk_value_and_grad, w_DV=w, wt_DV=wt, tile=tile, st=st, token_loss=token_loss)
+    # Rows past the counted tokens point out of range: their inputs read as zeros (whatever the skipped
+    # tokens hold, NaN included, never reaches dW) and their outputs are dropped. A batch with nothing
+    # counted runs chunk 0 on such rows: zero cotangents, nothing written.
+    order = jnp.pad(order, (0, num_chunks * chunk - num))
+    order = jnp.where(jnp.arange(num_chunks * chunk) < jnp.sum(mask > 0), order, num)
+    support = kernel_plan.ALL_SUPPORTS[st.mode]
+    plan = support.plan(st)
+    unembed = token_kl_xla.Unembedding(w, wt, tile)
+    # Hidden states and W of one 16-bit dtype multiply as they are (f32 accumulation): the reference's logits,
+    # and no f32 copy of the tile. A 16-bit W is widened tile by tile for d_h: an f32 copy of W would cost
+    # as much memory as the chunk buffers.
+    native = hs.dtype == w.dtype and (ht is None or ht.dtype == hs.dtype) and (wt is None or wt.dtype == w.dtype)
+    # A shared W: both sides' rows in one [2C, D] operand, so each tile of W is read once per chunk.
+    stacked = ht is not None and wt is None and ht.dtype == hs.dtype
 
-    def one_chunk(c, carry):
-        carry, outs = carry
+    def chunk_inputs(c):
         rows_C = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
         xs = jax.tree.map(lambda x: jnp.take(x, rows_C, axis=0, mode="fill", fill_value=0), (hs, ht, ids, mask, aux))
-        carry, out_c = step(carry, xs)
-        return carry, jax.tree.map(lambda buf, x: buf.at[rows_C].set(x, mode="drop"), outs, out_c)
+        return rows_C, xs
 
-    (loss, dw, _, _), (stats, dh) = lax.fori_loop(0, live_chunks, one_chunk, (init, outs))
-    return loss, stats, dh, dw
+    def read_w(j):
+        start, valid_T = unembed.position(j)
+        w_DT = unembed.student(start, widen=not native)
+        return start, valid_T, w_DT, w_DT.astype(jnp.float32)
+
+    def logits(w_DT, start, xs):
+        hs_CD, ht_CD = xs[0], xs[1]
+        if stacked:  # one [2C, D] x [D, T] matmul for both sides: W's tile is streamed once
+            st_2CT = _dot(jnp.concatenate([hs_CD, ht_CD]), w_DT)
+            return st_2CT[:chunk], st_2CT[chunk:]
+        t_CT = None if ht is None else _dot(ht_CD, unembed.teacher(start, w_DT, widen=not native))
+        return _dot(hs_CD, w_DT), t_CT
+
+    def a_init():
+        return (tiles.online_init(chunk, plan.has_teacher, plan.sums),
+                None if plan.top_k is None else tiles.topk_init(chunk, plan.top_k))
+
+    def a_update(a, s_CT, t_CT, start, valid_T):
+        state, top = a
+        state = tiles.online_update(state, s_CT, t_CT, valid_T)
+        if top is not None:
+            top = tiles.topk_update(top, s_CT, t_CT, start + jnp.arange(tile, dtype=jnp.int32), valid_T)
+        return state, top
+
+    def store(bufs, s_CT, t_CT, start):
+        s_CV, t_CV = bufs
+        s_CV = lax.dynamic_update_slice_in_dim(s_CV, s_CT, start, axis=1)
+        t_CV = None if t_CV is None else lax.dynamic_update_slice_in_dim(t_CV, t_CT, start, axis=1)
+        return s_CV, t_CV
+
+    def middle(a, bufs, xs):
+        """The chunk's loss and stats, and what its pass B needs (`pending`)."""
+        (state, top), (s_CV, t_CV) = a, bufs
+        hs_CD, _, ids_C, mask_C, aux_C = xs
+        out = {**tiles.online_finish(state), **(top or {})}
+        if plan.pass2 is not None:
+            zeros = jnp.zeros((chunk,), jnp.float32)
+            out["kl_pm"], out["kl_qm"] = tiles.pass2_update((zeros, zeros), s_CV, t_CV, out["lse_s"],
+                                                            out["lse_t"], None, plan.pass2)
+        logit_s = jnp.take_along_axis(s_CV, ids_C[:, None], axis=1)[:, 0]
+        logit_t = None if t_CV is None else jnp.take_along_axis(t_CV, ids_C[:, None], axis=1)[:, 0]
+        div, res = support.value(st, out, logit_s, logit_t)
+        res.update(lse_s=out["lse_s"], entropy=out["entropy"])
+        on = mask_C > 0
+        stats = TokenStats(jnp.where(on, div, 0.0), jnp.where(on, logit_s - out["lse_s"], 0.0),
+                           jnp.where(on, out["entropy"], 0.0))
+        weight_C = on.astype(jnp.float32)
+        loss_C, vjp = jax.vjp(lambda stats: token_loss(stats, aux_C), stats)
+        # Cotangent weight_C: masked tokens get none (token_loss is elementwise).
+        c_div, c_logp, c_ent = (jnp.asarray(ct, jnp.float32) for ct in vjp(weight_C)[0])
+        _, tok, cols_CK, coef_CK = token_kl.gradient_terms(st, res, ids_C, c_div, c_logp, c_ent)
+        pending = {"hs32_DC": hs_CD.T.astype(jnp.float32), "tok": tok, "cols": cols_CK, "coef": coef_CK}
+        return jnp.sum(loss_C * weight_C), stats, pending
+
+    def b_update(b, pending, bufs, w32_DT, start, valid_T):
+        """Pass B on one tile: the new (d_h, dW), and g (which the buffers' rewrite must wait for)."""
+        dh_CD, dw_DV = b
+        s_CT = lax.dynamic_slice_in_dim(bufs[0], start, tile, axis=1)
+        t_CT = None if bufs[1] is None else lax.dynamic_slice_in_dim(bufs[1], start, tile, axis=1)
+        # Materialise g once: left alone, XLA:CPU fuses its elementwise chain (exp included) into both
+        # matmuls' operands and computes it twice.
+        g_CT = lax.optimization_barrier(tiles.logit_grad(s_CT, t_CT, pending["tok"], plan.grad_div, valid_T))
+        dw_DT = lax.dynamic_slice_in_dim(dw_DV, start, tile, axis=1) + _dot(pending["hs32_DC"], g_CT)
+        return (dh_CD + _dot(g_CT, w32_DT.T), lax.dynamic_update_slice_in_dim(dw_DV, dw_DT, start, axis=1)), g_CT
+
+    def b_finish(b, pending):
+        """The sparse entries, once per chunk rather than a compare-and-select over every tile: d_h gathers
+        their K columns of W, dW scatters into them."""
+        dh_CD, dw_DV = b
+        coef_CK = pending["coef"]
+        dh_CD = dh_CD + jnp.einsum("ck,dck->cd", coef_CK, token_kl_xla.columns(w, pending["cols"]))
+        dw_DV = dw_DV.at[:, pending["cols"]].add(pending["hs32_DC"][:, :, None] * coef_CK[None])
+        return dh_CD, dw_DV
+
+    def pass_a(a, bufs, xs):
+        def one_tile(carry, j):
+            a, bufs = carry
+            start, valid_T, w_DT, _ = read_w(j)
+            s_CT, t_CT = logits(w_DT, start, xs)
+            return (a_update(a, s_CT, t_CT, start, valid_T), store(bufs, s_CT, t_CT, start)), None
+        return lax.scan(one_tile, (a, bufs), jnp.arange(num_tiles))[0]
+
+    def pass_b(b, pending, bufs):
+        def one_tile(b, j):
+            start, valid_T, _, w32_DT = read_w(j)
+            return b_update(b, pending, bufs, w32_DT, start, valid_T)[0], None
+        return b_finish(lax.scan(one_tile, b, jnp.arange(num_tiles))[0], pending)
+
+    def pass_ba(b, pending, a, bufs, xs):
+        """Pass B of the chunk in the buffers and pass A of the next one (xs), in one sweep over W."""
+        def one_tile(carry, j):
+            b, a, bufs = carry
+            start, valid_T, w_DT, w32_DT = read_w(j)
+            b, g_CT = b_update(b, pending, bufs, w32_DT, start, valid_T)
+            s_CT, t_CT = logits(w_DT, start, xs)
+            a = a_update(a, s_CT, t_CT, start, valid_T)
+            # The new logits overwrite the tile that g has just read. Only a data dependence on g orders
+            # the two for XLA (an optimization_barrier does not survive to its copy insertion, which then
+            # copies both [C, V] buffers on every tile): the tile is written through a select on g, which
+            # passes the new logits unchanged wherever g is a number (where it is NaN, so is the loss).
+            nan_CT = jnp.isnan(g_CT)
+            s_CT = jnp.where(nan_CT, g_CT, s_CT)
+            t_CT = None if t_CT is None else jnp.where(nan_CT, g_CT, t_CT)
+            return (b, a, store(bufs, s_CT, t_CT, start)), None
+        b, a, bufs = lax.scan(one_tile, (b, a, bufs), jnp.arange(num_tiles))[0]
+        return b_finish(b, pending), a, bufs
+
+    def scatter(outs, rows_C, stats=None, dh_CD=None):
+        out_stats, out_dh = outs
+        if stats is not None:
+            out_stats = jax.tree.map(lambda buf, x: buf.at[rows_C].set(x, mode="drop"), out_stats, stats)
+        if dh_CD is not None:
+            out_dh = out_dh.at[rows_C].set(dh_CD, mode="drop")
+        return out_stats, out_dh
+
+    def next_chunk(c, carry):
+        """Chunk c - 1's pass B with chunk c's pass A, then chunk c's middle."""
+        loss, dw_DV, rows_C, pending, bufs, outs = carry
+        next_rows_C, xs = chunk_inputs(c)
+        (dh_CD, dw_DV), a, bufs = pass_ba((dh0_CD, dw_DV), pending, a_init(), bufs, xs)
+        outs = scatter(outs, rows_C, dh_CD=dh_CD)
+        loss_c, stats, pending = middle(a, bufs, xs)
+        return loss + loss_c, dw_DV, next_rows_C, pending, bufs, scatter(outs, next_rows_C, stats)
+
+    buffer = jnp.zeros((chunk, vocab), jnp.float32)  # the chunk's logits, reused by every chunk
+    bufs = (buffer, None if ht is None else buffer)
+    outs = (TokenStats(*(jnp.zeros((num,), jnp.float32) for _ in range(3))), jnp.zeros((num, dim), jnp.float32))
+    dh0_CD = jnp.zeros((chunk, dim), jnp.float32)
+    dw0_DV = jnp.zeros((dim, vocab), jnp.float32)  # the f32 accumulator: dW's own buffer when W is f32
+
+    rows_C, xs = chunk_inputs(0)
+    a, bufs = pass_a(a_init(), bufs, xs)
+    loss, stats, pending = middle(a, bufs, xs)
+    init = (loss, dw0_DV, rows_C, pending, bufs, scatter(outs, rows_C, stats))
+    loss, dw_DV, rows_C, pending, bufs, outs = lax.fori_loop(1, live_chunks, next_chunk, init)
+    dh_CD, dw_DV = pass_b((dh0_CD, dw_DV), pending, bufs)
+    return loss, *scatter(outs, rows_C, dh_CD=dh_CD), dw_DV
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

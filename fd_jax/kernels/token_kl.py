@@ -100,6 +100,11 @@ def _permuted(x, order):
 
 
 def fused_forward(hs, ht, w, wt, mask, ids, st: Settings):
+    # Masked tokens are never read: whatever their hidden states hold (NaN included) reaches no statistic
+    # and no gradient (their cotangents are zero, but NaN x 0 is NaN).
+    on_N1 = (mask > 0)[:, None]
+    hs = jnp.where(on_N1, hs, 0)
+    ht = None if ht is None else jnp.where(on_N1, ht, 0)
     support = ALL_SUPPORTS[st.mode]
     engine = ENGINES[st.backend]
     plan = support.plan(st)

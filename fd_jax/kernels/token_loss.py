@@ -45,16 +45,17 @@ Array = jax.Array
 TokenLoss = Callable[[TokenStats, Any], Array]
 
 # (tokens C, vocabulary tile T) by W's itemsize. C x V f32 logits of both sides are kept per chunk, and every
-# chunk reads W twice and dW once (tile copies, the accumulator's read-modify-write): the larger C, the fewer
-# of these memory-bound sweeps, up to what the memory allows. f32: 160 x 1024 keeps temporaries at 4.3% of
-# the reference's at SmolLM2's D 576, V 49152 (the issue 19 target is 5%) and ran at 1.08-1.15x the matmul
-# floor there, against 1.14-1.34x for 128 x 2048 (benchmarks/token_kl.py, docs/benchmarks.md). A 16-bit W
-# gets more tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's do), so what
-# each chunk adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the f32 widening
-# of every W tile for it, the read-modify-write of the f32 dW accumulator per tile. 384 x 2048 took the
-# one pass from 1.21x to 1.05x the floor; the cost is 2 x 384 x V f32 of logit buffers (144 MiB at that V),
-# where bf16 has no memory target.
-DEFAULT_LOSS_BLOCKS = {4: (160, 1024), 2: (384, 2048)}
+# chunk reads W once and dW once (tile copies, the accumulator's read-modify-write): the larger C, the fewer
+# of these memory-bound sweeps, up to what the memory allows. f32: 160 x 1024 keeps temporaries at 4.5% of
+# the reference's at SmolLM2's D 576, V 49152 (the issue 19 target is 5%); 176 x 1024, 192 x 1024 and
+# 160 x 2048 ran within noise of it (benchmarks/token_kl.py, docs/benchmarks.md). A 16-bit W gets more
+# tokens: its logit matmuls run on the CPU's bf16 dot instructions (as the floor's do), so what each chunk
+# adds beyond the matmul rate weighs more: d_h's matmul g Wᵀ at only C rows, the f32 widening of every W
+# tile for it, the read-modify-write of the f32 dW accumulator per tile. 384 x 2048 took the one pass from
+# 1.21x to 1.05x the floor; with the sweeps of two chunks sharing one loop, 384 x 1024 ran 4-11% faster
+# still (a tile then takes 1.1 MiB in bf16 and 2.3 MiB widened at D 576). The cost is 2 x 384 x V f32 of logit
+# buffers (144 MiB at that V), where bf16 has no memory target.
+DEFAULT_LOSS_BLOCKS = {4: (160, 1024), 2: (384, 1024)}
 DEFAULT_LOSS_CHUNK, DEFAULT_LOSS_TILE = DEFAULT_LOSS_BLOCKS[4]
 
 
@@ -291,7 +292,7 @@ def fused_token_loss(h_student: Array, h_teacher: Array | None, w_unembed: Array
     token_loss(stats, aux) -> [C], elementwise over tokens (see the module doc), a pure function: close
     over Python numbers only and pass arrays through `aux` (a pytree of [N, ...] arrays, no gradient).
     alpha / mode / top_k / add_tail / w_teacher as in `fused_token_stats`. token_chunk, vocab_tile: block
-    sizes (default `default_loss_blocks(w_unembed.dtype)`: 160 x 1024, 384 x 2048 for a 16-bit W); memory
+    sizes (default `default_loss_blocks(w_unembed.dtype)`: 160 x 1024, 384 x 1024 for a 16-bit W); memory
     grows as 2 x chunk x V f32 plus an f32 [D, V] accumulator (the gradient itself when W is f32).
     Returns the scalar loss (differentiable w.r.t. h_student and w_unembed) and the TokenStats (constants,
     zero where mask = 0).

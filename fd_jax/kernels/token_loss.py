@@ -99,11 +99,12 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     chunk, num_chunks = token_kl_xla.blocks(num, st.token_chunk)
     tile, num_tiles = token_kl_xla.blocks(vocab, st.vocab_tile)
     order, _, live_chunks = token_kl_xla.compaction(mask, chunk)
-    # Rows past the counted tokens point out of range: their inputs read as zeros (whatever the skipped
-    # tokens hold, NaN included, never reaches dW) and their outputs are dropped. A batch with nothing
-    # counted runs chunk 0 on such rows: zero cotangents, nothing written.
-    order = jnp.pad(order, (0, num_chunks * chunk - num))
-    order = jnp.where(jnp.arange(num_chunks * chunk) < jnp.sum(mask > 0), order, num)
+    order = jnp.pad(order, (0, num_chunks * chunk - num), constant_values=num)  # padding: out of range
+    # Rows past the counted tokens read zero hidden states (whatever a masked token holds, NaN included,
+    # never reaches dW) and write no output; their ids, mask and aux are their own, so token_loss sees the
+    # values it would see unchunked. A batch with nothing counted runs chunk 0 on such rows: zero
+    # cotangents, nothing written.
+    counted_order = jnp.where(jnp.arange(num_chunks * chunk) < jnp.sum(mask > 0), order, num)
     support = kernel_plan.ALL_SUPPORTS[st.mode]
     plan = support.plan(st)
     unembed = token_kl_xla.Unembedding(w, wt, tile)
@@ -115,9 +116,10 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     stacked = ht is not None and wt is None and ht.dtype == hs.dtype
 
     def chunk_inputs(c):
-        rows_C = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
-        xs = jax.tree.map(lambda x: jnp.take(x, rows_C, axis=0, mode="fill", fill_value=0), (hs, ht, ids, mask, aux))
-        return rows_C, xs
+        rows_C = lax.dynamic_slice_in_dim(counted_order, c * chunk, chunk)
+        take = lambda rows: lambda x: jnp.take(x, rows, axis=0, mode="fill", fill_value=0)  # noqa: E731
+        own = jax.tree.map(take(lax.dynamic_slice_in_dim(order, c * chunk, chunk)), (ids, mask, aux))
+        return rows_C, (*jax.tree.map(take(rows_C), (hs, ht)), *own)
 
     def read_w(j):
         start, valid_T = unembed.position(j)

@@ -113,6 +113,29 @@ def test_masked_tokens_are_never_read(setting):
         np.testing.assert_array_equal(grads[0][mask == 0], 0.0)
 
 
+def test_masked_tokens_keep_their_own_aux():
+    """A chunk's rows past its counted tokens read zero hidden states but their own aux: a token loss that is
+    finite on every real token's aux (here log of a positive scale) stays finite and exact."""
+    hs, ht, w, _, _, ids, _ = DATA
+    mask = np.isin(np.arange(N), [0, 7, 10]).astype(np.float32)  # one chunk: them and two masked rows
+    scale = np.linspace(0.5, 2.0, N).astype(np.float32)
+
+    def objective(stats, aux):
+        return stats.divergence * jnp.log(aux) + stats.entropy
+
+    def loss(hs, w):
+        return fused_token_loss(hs, ht, w, mask, ids, objective, scale, token_chunk=5, vocab_tile=16)[0]
+
+    def reference(hs, w):
+        stats = tk.reference_token_stats(hs, ht, w, mask, ids)
+        return jnp.sum(objective(stats, scale) * mask)
+
+    got, want = jax.value_and_grad(loss, (0, 1))(hs, w), jax.value_and_grad(reference, (0, 1))(hs, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-5)
+    for g, r in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5)
+
+
 def test_teacher_with_its_own_unembedding():
     setting = ("full", 1.0, False)
     want_loss, _, want_grads = _run("reference", setting, own_teacher_w=True)

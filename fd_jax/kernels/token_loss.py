@@ -89,9 +89,9 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
       the sparse entries (the realised token, the top-k support) once, through K gathered columns of W.
 
     Pass B of chunk c and pass A of chunk c + 1 run in one loop over the tiles: each tile of W is read once
-    for both, and the buffers are rewritten in place, tile by tile, right after the tile's g is formed (an
-    `optimization_barrier` orders the write after the read). Only the first chunk's pass A and the last
-    chunk's pass B run alone. A ragged last tile is read at V - T with its already-seen columns masked; pass
+    for both, and the buffers are rewritten in place, tile by tile, right after the tile's g is formed (a
+    data dependence on g orders the write after the read: see `pass_ba`). Only the first chunk's pass A and
+    the last chunk's pass B run alone. A ragged last tile is read at V - T with its already-seen columns masked; pass
     B's mask zeroes g on those columns, which by then hold the next chunk's logits.
     """
     num, dim = hs.shape

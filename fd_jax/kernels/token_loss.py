@@ -112,14 +112,16 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     # and no f32 copy of the tile. A 16-bit W is widened tile by tile for d_h: an f32 copy of W would cost
     # as much memory as the chunk buffers.
     native = hs.dtype == w.dtype and (ht is None or ht.dtype == hs.dtype) and (wt is None or wt.dtype == w.dtype)
-    # A shared W: both sides' rows in one [2C, D] operand, so each tile of W is read once per chunk.
     stacked = ht is not None and wt is None and ht.dtype == hs.dtype
 
     def chunk_inputs(c):
         rows_C = lax.dynamic_slice_in_dim(counted_order, c * chunk, chunk)
         take = lambda rows: lambda x: jnp.take(x, rows, axis=0, mode="fill", fill_value=0)  # noqa: E731
         own = jax.tree.map(take(lax.dynamic_slice_in_dim(order, c * chunk, chunk)), (ids, mask, aux))
-        return rows_C, (*jax.tree.map(take(rows_C), (hs, ht)), *own)
+        hs_CD, ht_CD = jax.tree.map(take(rows_C), (hs, ht))
+        # A shared W: both sides' rows in one [2C, D] operand (once per chunk), so each W tile is read once.
+        hst_2CD = jnp.concatenate([hs_CD, ht_CD]) if stacked else None
+        return rows_C, (hs_CD, ht_CD, *own, hst_2CD)
 
     def read_w(j):
         start, valid_T = unembed.position(j)
@@ -127,9 +129,9 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
         return start, valid_T, w_DT, w_DT.astype(jnp.float32)
 
     def logits(w_DT, start, xs):
-        hs_CD, ht_CD = xs[0], xs[1]
+        hs_CD, ht_CD, hst_2CD = xs[0], xs[1], xs[-1]
         if stacked:  # one [2C, D] x [D, T] matmul for both sides: W's tile is streamed once
-            st_2CT = _dot(jnp.concatenate([hs_CD, ht_CD]), w_DT)
+            st_2CT = _dot(hst_2CD, w_DT)
             return st_2CT[:chunk], st_2CT[chunk:]
         t_CT = None if ht is None else _dot(ht_CD, unembed.teacher(start, w_DT, widen=not native))
         return _dot(hs_CD, w_DT), t_CT
@@ -154,7 +156,7 @@ def _value_and_grad(hs, ht, w, wt, mask, ids, aux, st, token_loss):
     def middle(a, bufs, xs):
         """The chunk's loss and stats, and what its pass B needs (`pending`)."""
         (state, top), (s_CV, t_CV) = a, bufs
-        hs_CD, _, ids_C, mask_C, aux_C = xs
+        hs_CD, _, ids_C, mask_C, aux_C, _ = xs
         out = {**tiles.online_finish(state), **(top or {})}
         if plan.pass2 is not None:
             zeros = jnp.zeros((chunk,), jnp.float32)

@@ -177,6 +177,7 @@ def _fdjax_config(args, directory, algo: str):
     cfg.step.teacher = "ema"
     cfg.step.loss_agg = "seq_mean"  # TRL SDPO: mean over each sequence's tokens, then over rows
     cfg.step.share_prompts = not args.no_share_prompts  # the G samples of a problem share its prompt's pass
+    cfg.step.prompt_heads = not getattr(args, "no_prompt_heads", False)  # feedback: a problem's common head once
     cfg.log.teacher_diagnostics = not getattr(args, "no_teacher_diagnostics", False)  # on: the trainer's default
     cfg.optim.learning_rate = args.lr
     cfg.optim.max_grad_norm = 1.0
@@ -439,6 +440,7 @@ def _run_child(args, side: str, algo: str, directory, extra=(), variant: str = "
                    "--steps", str(args.steps), "--lr", str(args.lr),
                    "--threads", str(args.threads), "--cache-dir", args.cache_dir, *(["--quick"] if args.quick else []),
                    *(["--no-share-prompts"] if args.no_share_prompts else []),
+                   *(["--no-prompt-heads"] if args.no_prompt_heads else []),
                    *(["--no-teacher-diagnostics"] if args.no_teacher_diagnostics else []), *extra]
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -512,6 +514,9 @@ def parse_args(argv=None):
     p.add_argument("--sides", default="fdjax,trl", help="comma-separated: fdjax, trl (both: the ratios too)")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="fd_jax: one full forward per row (step.share_prompts=False), the step before issue 19")
+    p.add_argument("--no-prompt-heads", action="store_true",
+                   help="fd_jax: each teacher prompt whole (step.prompt_heads=False), the feedback row before its "
+                        "common heads")
     p.add_argument("--no-teacher-diagnostics", action="store_true",
                    help="fd_jax FD: the step alone, without the teacher/* diagnostics its trainer runs by default")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -536,6 +541,7 @@ def main(argv=None) -> dict:
     load = {"before": os.getloadavg()}
     result = {"model": "tiny-llama (random)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
               "fdjax_share_prompts": not args.no_share_prompts,
+              "fdjax_prompt_heads": not args.no_prompt_heads,
               "fdjax_teacher_diagnostics": not args.no_teacher_diagnostics,
               "shape": {"problems": args.problems, "generations": args.generations, "new_tokens": args.new_tokens,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,

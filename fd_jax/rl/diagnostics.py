@@ -165,7 +165,7 @@ def make_diagnostics(graphdef: nnx.GraphDef, cfg: StepConfig, *, first_k: int = 
     def with_layout(probe: dict) -> dict:
         probe = real_rows_only(probe)
         layout = train_step.shared_prompt_inputs(probe, packing=cfg.prompt_packing, floors=floors,
-                                                 frame_fraction=cfg.packing_frame)
+                                                 frame_fraction=cfg.packing_frame, heads=cfg.prompt_heads)
         return {**{k: v for k, v in probe.items() if k not in train_step.SEQUENCE_FIELDS}, **layout}
 
     def diagnose(state, batch: dict | None, probe: dict | None) -> dict[str, jax.Array]:

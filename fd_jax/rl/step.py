@@ -97,7 +97,8 @@ def _bucket_rows(n: int) -> int:
 
 
 def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing: str = "auto",
-                   floor: dict | None = None, frame_fraction: float = StepConfig.packing_frame) -> dict:
+                   floor: dict | None = None, frame_fraction: float = StepConfig.packing_frame,
+                   group_B=None) -> dict:
     """Host side (numpy) of one sequence family (student or teacher) for `_shared_prefix_hidden`.
 
     Row b's hidden states that predict its completion sit at positions index_BC[b] = prompt_len - 1 + c; the
@@ -114,15 +115,21 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
       tokens, each holding whole suffixes of one prefix (first fit, longest first); where they do not fit,
       `rows`. A run then compiles two programs at most (per prefix shape), and one when every batch fits.
 
+    `group_B` (optional, -1 for none): rows whose prefixes begin alike (the G samples of a problem, whose
+    teacher prompts differ only from the row's own attempt and feedback on). Each group's longest common
+    prefix (its head) then runs once, and each distinct prefix only past it (its tail): `_head_layout`,
+    taken where it computes fewer prompt tokens than whole prefixes do.
+
     `floor` (mutable, one per sequence family and train step) holds the largest prefix count and prefix
-    length used so far (and `groups`' widest M): shapes never shrink below it, so the programs of a run are a
-    short ladder of growing shapes, not every combination the data visit (each a new XLA compilation of the
-    whole step).
+    length used so far (and `groups`' widest M, the heads' count and length, the tails' length): shapes never
+    shrink below it, so the programs of a run are a short ladder of growing shapes, not every combination the
+    data visit (each a new XLA compilation of the whole step). Once a run has split heads, it keeps them.
 
     Returns numpy arrays: tokens_RT / positions_RT: the R distinct prefixes (R a power of two, dummy rows all
-    padding, position -1); prefix_J: the prefix row of each packed row; tokens_JM / positions_JM: the packed
-    suffix tokens (position -1: padding); row_JM / col_JM: the batch row and completion column of each
-    (row -1: padding).
+    padding, position -1), or with heads their tails (positions from the head's length on); with heads,
+    tokens_HT / positions_HT the H distinct heads and head_R the head of each prefix row; prefix_J: the
+    prefix row of each packed row; tokens_JM / positions_JM: the packed suffix tokens (position -1:
+    padding); row_JM / col_JM: the batch row and completion column of each (row -1: padding).
     """
     from fd_jax.rl.batch import bucket_length
 
@@ -133,21 +140,22 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     prefix_len_B = index_BC[:, 0]
     real_BC = mask_BC > 0
     live_B = real_BC.any(1)  # a row without real tokens needs no prefix (its packed tokens are all padding)
-    ids: dict[bytes, int] = {}
-    row_B = np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) if live_B[b] else -1
-                      for b in range(B)], np.int32)
+    row_B = _prefix_ids(tokens_BS, prefix_len_B, live_B)
     first = {r: b for b, r in reversed(list(enumerate(row_B))) if r >= 0}
+    prefixes = [tokens_BS[first[r], :prefix_len_B[first[r]]] for r in range(len(first))]
     floor = {} if floor is None else floor
-    rows = max(_bucket_rows(max(1, len(ids))), floor.get("rows", 0))
-    longest = int(prefix_len_B[live_B].max()) if live_B.any() else 1
-    length = max(bucket_length(max(1, longest), multiple), floor.get("length", 0))
-    tokens_RT = np.zeros((rows, length), tokens_BS.dtype)
-    positions_RT = np.full((rows, length), -1, np.int32)
-    for r, b in first.items():
-        n = prefix_len_B[b]
-        tokens_RT[r, :n] = tokens_BS[b, :n]
-        positions_RT[r, :n] = np.arange(n)
-    floor.update(rows=rows, length=length)
+    rows = max(_bucket_rows(max(1, len(first))), floor.get("rows", 0))
+    floor["rows"] = rows
+    groups = None if group_B is None else [int(np.asarray(group_B)[first[r]]) for r in range(len(first))]
+    out = _head_layout(prefixes, groups, rows, multiple, floor, tokens_BS.dtype) if groups is not None else None
+    if out is None:
+        longest = max((len(x) for x in prefixes), default=1)
+        length = max(bucket_length(max(1, longest), multiple), floor.get("length", 0))
+        floor["length"] = length
+        out = {"tokens_RT": np.zeros((rows, length), tokens_BS.dtype),
+               "positions_RT": np.full((rows, length), -1, np.int32)}
+        for r, x in enumerate(prefixes):
+            out["tokens_RT"][r, :len(x)], out["positions_RT"][r, :len(x)] = x, np.arange(len(x))
     members = None
     if packing == "groups":
         per_prefix = np.bincount(row_B[live_B], weights=real_BC[live_B].sum(1), minlength=rows)
@@ -172,8 +180,50 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
         for k, (b, c) in enumerate(tokens):
             tokens_JM[j, k] = tokens_BS[b, index_BC[b, c]]
             positions_JM[j, k], row_JM[j, k], col_JM[j, k] = index_BC[b, c], b, c
-    return {"tokens_RT": tokens_RT, "positions_RT": positions_RT, "prefix_J": prefix_J, "tokens_JM": tokens_JM,
-            "positions_JM": positions_JM, "row_JM": row_JM, "col_JM": col_JM}
+    return {**out, "prefix_J": prefix_J, "tokens_JM": tokens_JM, "positions_JM": positions_JM, "row_JM": row_JM,
+            "col_JM": col_JM}
+
+
+def _prefix_ids(tokens_BS, prefix_len_B, live_B) -> np.ndarray:
+    """[B] int32: the index of each live row's prefix (tokens_BS[b, :prefix_len_B[b]]) among the distinct
+    ones in order of first appearance; -1 for the others."""
+    ids: dict[bytes, int] = {}
+    return np.array([ids.setdefault(tokens_BS[b, :prefix_len_B[b]].tobytes(), len(ids)) if live_B[b] else -1
+                     for b in range(len(live_B))], np.int32)
+
+
+def _head_layout(prefixes: list, groups: list[int], rows: int, multiple: int, floor: dict, dtype) -> dict | None:
+    """The two-level prompts of `_prefix_layout`: each group's longest common prefix (head) once, each prefix
+    as the tail past it. None where that computes no fewer prompt tokens than whole prefixes, counted at
+    their padded shapes (and the run has not split heads yet)."""
+    from fd_jax.rl.batch import bucket_length
+
+    head_len_R = np.array([len(x) for x in prefixes], int)
+    for g in set(groups):
+        members = [r for r, h in enumerate(groups) if h == g]
+        n = min(head_len_R[members])
+        same = np.ones(n, bool)
+        for r in members[1:]:
+            same &= prefixes[r][:n] == prefixes[members[0]][:n]
+        head_len_R[members] = n if same.all() else int(np.argmin(same))
+    heads: dict[bytes, int] = {}
+    head_R = [heads.setdefault(x[:n].tobytes(), len(heads)) for x, n in zip(prefixes, head_len_R)]
+    n_heads = max(_bucket_rows(max(1, len(heads))), floor.get("heads", 0))
+    head_len = max(bucket_length(max(1, max(head_len_R, default=1)), multiple), floor.get("head_length", 0))
+    tail_len = max(bucket_length(max(1, max((len(x) - n for x, n in zip(prefixes, head_len_R)), default=1)),
+                                 multiple), floor.get("tail_length", 0))
+    whole = max(bucket_length(max(1, max((len(x) for x in prefixes), default=1)), multiple), floor.get("length", 0))
+    if "tail_length" not in floor and n_heads * head_len + rows * tail_len >= rows * whole:
+        return None
+    floor.update(heads=n_heads, head_length=head_len, tail_length=tail_len)
+    out = {"tokens_HT": np.zeros((n_heads, head_len), dtype),
+           "positions_HT": np.full((n_heads, head_len), -1, np.int32), "head_R": np.zeros(rows, np.int32),
+           "tokens_RT": np.zeros((rows, tail_len), dtype), "positions_RT": np.full((rows, tail_len), -1, np.int32)}
+    for r, (x, n, h) in enumerate(zip(prefixes, head_len_R, head_R)):
+        out["tokens_HT"][h, :n], out["positions_HT"][h, :n] = x[:n], np.arange(n)
+        out["head_R"][r] = h
+        out["tokens_RT"][r, :len(x) - n], out["positions_RT"][r, :len(x) - n] = x[n:], np.arange(n, len(x))
+    return out
 
 
 def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list[int]]] | None:
@@ -197,11 +247,14 @@ def _first_fit(row_B, tokens_B, width: int, frames: int) -> list[tuple[int, list
 
 
 def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | None = None,
-                         frame_fraction: float = StepConfig.packing_frame, teacher: bool = True) -> dict:
+                         frame_fraction: float = StepConfig.packing_frame, teacher: bool = True,
+                         heads: bool = StepConfig.prompt_heads) -> dict:
     """The extra batch arrays of `StepConfig.share_prompts` (numpy, host side), keyed `prefix/...`.
 
     `floors`: a dict the caller keeps across steps (`_prefix_layout`'s `floor`, per family); None: none.
     `teacher`: False for a step without a teacher pass (GRPO): the student's layout alone.
+    `heads`: split the teacher's prompts of a problem's rows into their common head and each one's tail
+    (`StepConfig.prompt_heads`).
 
     The teacher's layout holds only the rows that take the FD loss (`distill_mask_B`): every use of the
     teacher's states is weighted by it, so the others' (zeros) never count. This also bounds its number of
@@ -213,9 +266,14 @@ def shared_prompt_inputs(batch: dict, *, packing: str = "auto", floors: dict | N
     families = {"student": ("student_tokens_BS", "student_index_BC")}
     if teacher:
         families["teacher"] = ("teacher_tokens_BU", "teacher_index_BC")
+    # The teacher's prompts of a problem's rows (grouped by their student prompt) differ only from the
+    # row's own context on (its attempt and the checker's feedback): their common head runs once.
+    groups = {"teacher": _prefix_ids(np.asarray(batch["student_tokens_BS"]),
+                                     np.asarray(batch["student_index_BC"])[:, 0], mask_BC.any(1))} if heads else {}
     for family, (tokens, index) in families.items():
         layout = _prefix_layout(batch[tokens], batch[index], masks[family], packing=packing,
-                                floor=floors.setdefault(family, {}), frame_fraction=frame_fraction)
+                                floor=floors.setdefault(family, {}), frame_fraction=frame_fraction,
+                                group_B=groups.get(family))
         out.update({f"{PREFIX}{family}/{k}": v for k, v in layout.items()})
     return out
 
@@ -258,17 +316,28 @@ def _split_probe(mb, h_XYD):
 def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
     """[B, C, D] final hidden states at the positions that predict the completion (zeros where the layout's
     mask was 0: padding, and for the teacher the rows that take no FD loss), computed as: each distinct
-    prompt prefix once (R rows) into a KV cache, the cache gathered to the J packed rows, then only the
+    prompt prefix once (R rows) into a KV cache (with heads: each head once, its cache gathered to the R
+    rows, then each prefix's tail against it), the cache gathered to the J packed rows, then only the
     packed suffix tokens against it (`_prefix_layout`), each attending to its prefix and to the earlier
     suffix tokens of its own batch row. Equal to `hidden_states` gathered at the index (up to float
     rounding); the G samples of a problem share their prompt's forward (and backward) pass, and with the
     packings `auto` and `groups` the padding of short completions is not computed."""
     get = lambda k: mb[f"{PREFIX}{family}/{k}"]  # noqa: E731
+    take = lambda cache, rows: jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)  # noqa: E731
     tokens_RT, row_JM, col_JM = get("tokens_RT"), get("row_JM"), get("col_JM")
-    t, m = tokens_RT.shape[1], row_JM.shape[1]
-    cache = model.init_cache(tokens_RT.shape[0], t + m)
-    _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, 0)
-    cache = jax.tree.map(lambda x: jnp.take(x, get("prefix_J"), axis=0), cache)
+    m = row_JM.shape[1]
+    if f"{PREFIX}{family}/tokens_HT" in mb:  # two levels: the heads, then each prefix's tail against its head
+        tokens_HT = get("tokens_HT")
+        h = tokens_HT.shape[1]
+        cache = model.init_cache(tokens_HT.shape[0], h + tokens_RT.shape[1] + m)
+        _, cache = model.cached_hidden_states(tokens_HT, get("positions_HT"), cache, 0)
+        _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), take(cache, get("head_R")), h)
+    else:
+        h = 0
+        cache = model.init_cache(tokens_RT.shape[0], tokens_RT.shape[1] + m)
+        _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, 0)
+    t = h + tokens_RT.shape[1]
+    cache = take(cache, get("prefix_J"))
     # Visible: the prefix (its real tokens) and the suffix tokens of the same batch row at earlier or equal
     # columns. Padding tokens (row -1) see the prefix and each other: they are dropped below.
     same_row = (row_JM[:, :, None] == row_JM[:, None, :]) & (col_JM[:, None, :] <= col_JM[:, :, None])
@@ -641,7 +710,8 @@ def make_train_step(
             if probe is not None and distills:
                 rows, probe_fields = with_probe(rows, jax.device_get(probe))
             layout = shared_prompt_inputs(rows, packing=cfg.prompt_packing, floors=floors,
-                                          frame_fraction=cfg.packing_frame, teacher=distills)
+                                          frame_fraction=cfg.packing_frame, teacher=distills,
+                                          heads=cfg.prompt_heads)
             layout.update(probe_fields)
             # The layout replaces the full rows: passed in as well, their widths (which follow the prompts, a
             # teacher's checker feedback above all) would compile a new program for arrays never read.

@@ -361,30 +361,95 @@ def _grouped_batch(problems=3, generations=3, seed=7):
     return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
 
 
-@pytest.mark.parametrize("cfg", [
-    StepConfig(distill_weight=1.0, teacher="ema", loss_agg="seq_mean", **KERNEL),  # FD
-    StepConfig(distill_weight=0.0, teacher="live", **KERNEL),  # GRPO: no teacher pass
+def _feedback_batch(problems=3, generations=3, seed=11):
+    """P problems x G samples whose teacher prompts are a long common head per problem (the prompt and a
+    demonstration) followed by each row's own context (its attempt and the checker's feedback), as checker
+    feedback builds them: row 0 of a problem solved it and takes no FD loss (its teacher prompt is the
+    student's), the others each have a teacher prompt of their own."""
+    rng = np.random.default_rng(seed)
+    student, teacher, completions = [], [], []
+    for _ in range(problems):
+        prompt = list(rng.integers(1, 61, rng.integers(30, 40)))
+        head = prompt + list(rng.integers(1, 61, rng.integers(30, 45)))
+        for g in range(generations):
+            student.append(prompt)
+            teacher.append(prompt if g == 0 else head + list(rng.integers(1, 61, rng.integers(3, 12))))
+            completions.append(list(rng.integers(1, 61, rng.integers(1, 7))))
+    rows = problems * generations
+    batch = pack_train_batch(
+        student_prompts=student, teacher_prompts=teacher, completions=completions,
+        old_logprobs=[list(rng.normal(-4.0, 0.3, len(c))) for c in completions], rewards_B=np.zeros(rows),
+        advantages_B=rng.normal(size=rows), distill_mask_B=np.array([t != p for t, p in zip(teacher, student)], float),
+        pad_id=0, pad_multiple=8)
+    return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
+
+
+def test_teacher_prompt_heads_layout():
+    """The teacher prompts of a problem's rows run their common head once and each row's own tail against it
+    (3 heads, padded to 4, of 96 slots; 6 tails of 32), where that computes fewer tokens than whole prompts
+    (8 x 128); prompts alike to their end, or `heads=False`, keep whole prompts; a run that split them
+    keeps splitting (the shapes of its programs)."""
+    from fd_jax.rl.step import shared_prompt_inputs
+
+    batch = _feedback_batch()
+    layout = shared_prompt_inputs(batch)
+    assert layout["prefix/teacher/tokens_HT"].shape == (4, 96)
+    assert layout["prefix/teacher/tokens_RT"].shape == (8, 32)
+    head_R, tails = layout["prefix/teacher/head_R"], layout["prefix/teacher/positions_RT"]
+    assert list(head_R[:6]) == [0, 0, 1, 1, 2, 2]
+    heads = layout["prefix/teacher/tokens_HT"]
+    head_len = (layout["prefix/teacher/positions_HT"] >= 0).sum(1)
+    for b in np.flatnonzero(batch["distill_mask_B"]):  # head + tail is the row's prompt minus its last token
+        r = layout["prefix/teacher/prefix_J"][np.flatnonzero((layout["prefix/teacher/row_JM"] == b).any(1))[0]]
+        n = batch["teacher_index_BC"][b, 0]
+        h, t = head_len[head_R[r]], (tails[r] >= 0).sum()
+        assert h + t == n and tails[r, 0] == h
+        np.testing.assert_array_equal(np.r_[heads[head_R[r], :h], layout["prefix/teacher/tokens_RT"][r, :t]],
+                                      batch["teacher_tokens_BU"][b, :n])
+    assert "prefix/student/tokens_HT" not in layout  # one prompt per problem: nothing to split
+    assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(batch, heads=False)
+    alike = _grouped_batch()  # a problem's teacher prompts: the same demonstration, so one prompt each
+    floors: dict = {}
+    assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(alike, floors={})
+    assert "prefix/teacher/tokens_HT" in shared_prompt_inputs(batch, floors=floors)
+    assert "prefix/teacher/tokens_HT" in shared_prompt_inputs(alike, floors=floors)
+
+
+FD_CFG = StepConfig(distill_weight=1.0, teacher="ema", loss_agg="seq_mean", **KERNEL)
+
+
+@pytest.mark.parametrize("cfg,make", [
+    (FD_CFG, "grouped"),
+    (StepConfig(distill_weight=0.0, teacher="live", **KERNEL), "grouped"),  # GRPO: no teacher pass
+    (FD_CFG, "feedback"),  # each teacher prompt its own: a problem's common head once, each row's tail
 ])
-def test_shared_prompts_give_the_same_step(setup, cfg):
+def test_shared_prompts_give_the_same_step(setup, cfg, make):
     """share_prompts runs each distinct prompt once and the completions against its cached keys/values: the
     same loss, metrics and update as one full forward per row (plain SGD, so rounding is not amplified)."""
     from fd_jax.rl.step import shared_prompt_inputs
 
     graphdef, params, _ = setup
-    batch = _grouped_batch()
+    batch = {"grouped": _grouped_batch, "feedback": _feedback_batch}[make]()
     layout = shared_prompt_inputs(batch)
     assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 distinct prompts, padded to a power of two
-    # A prompt's completions back to back in one packed row (4 x 16 tokens < 9 rows x C = 8): the padding of
-    # short completions is not computed. The teacher holds only the 6 rows that take the FD loss, with their
-    # 3 distinct prompts (the others' teacher prompt is the student's and is not run): 4 packed rows.
-    assert layout["prefix/student/row_JM"].shape == (4, 16)
-    assert [sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []]
-    assert [sorted(set(r) - {-1}) for r in layout["prefix/teacher/row_JM"]] == [[1, 2], [4, 5], [7, 8], []]
+    teacher_rows = [sorted(set(r) - {-1}) for r in layout["prefix/teacher/row_JM"]]
+    if make == "grouped":
+        # A prompt's completions back to back in one packed row (4 x 16 tokens < 9 rows x C = 8): the padding
+        # of short completions is not computed. The teacher holds only the 6 rows that take the FD loss, with
+        # their 3 distinct prompts (the others' teacher prompt is the student's and is not run): 4 packed rows.
+        assert layout["prefix/student/row_JM"].shape == (4, 16)
+        assert ([sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]]
+                == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []])
+        assert teacher_rows == [[1, 2], [4, 5], [7, 8], []]
+    else:  # the 6 rows that take the FD loss, each its own teacher prompt (one head per problem): own rows
+        assert sorted(r for rows in teacher_rows for r in rows) == [1, 2, 4, 5, 7, 8]
+        assert all(len(rows) <= 1 for rows in teacher_rows)
+    assert ("prefix/teacher/tokens_HT" in layout) == (make == "feedback")
     results = []
     # One full forward per row; then shared prompts with the completions in the default frame (a prompt's
     # completions back to back) and one row per completion.
-    for c in (dataclasses.replace(cfg, share_prompts=False), dataclasses.replace(cfg, prompt_packing="auto"),
-              dataclasses.replace(cfg, prompt_packing="rows")):
+    variants = [dataclasses.replace(cfg, share_prompts=False), dataclasses.replace(cfg, prompt_packing="auto")]
+    for c in variants + ([dataclasses.replace(cfg, prompt_packing="rows")] if make == "grouped" else []):
         step, optimizer = cached_step(graphdef, c, sgd=True)
         state, _ = _state(params, c, teacher_seed=5, optimizer=optimizer)
         results.append(step(state, batch))
@@ -449,20 +514,26 @@ def test_shared_prompt_frame_shape_is_fixed_by_the_batch():
     assert _prefix_layout(tokens_BS, index_BC, long_BC, packing="auto", multiple=8)["row_JM"].shape == (B, C)
 
 
-@pytest.mark.parametrize("packing,floor", [("groups", None), ("rows", None), ("auto", None),
-                                           ("groups", {"rows": 16, "length": 40, "m": 32})])
-def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor):
+@pytest.mark.parametrize("packing,floor,make", [
+    ("groups", None, "grouped"), ("rows", None, "grouped"), ("auto", None, "grouped"),
+    ("groups", {"rows": 16, "length": 40, "m": 32}, "grouped"),
+    ("auto", None, "feedback"), ("rows", {"heads": 8, "head_length": 128, "tail_length": 48}, "feedback")])
+def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor, make):
     """Either packing of the suffix tokens (a prompt's completions back to back in one row, or one row per
-    completion) gives the hidden states of one full forward per row at every completion position of the rows
-    that take the FD loss, and zeros elsewhere (oracle: `hidden_states` over prompt + completion, gathered)."""
+    completion), with whole prompts or with a problem's common head run once and each row's tail against it,
+    gives the hidden states of one full forward per row at every completion position of the rows that take
+    the FD loss, and zeros elsewhere (oracle: `hidden_states` over prompt + completion, gathered)."""
     from fd_jax.rl.step import _shared_prefix_hidden, shared_prompt_inputs
 
     graphdef, params, _ = setup
-    batch = _grouped_batch()
+    batch = {"grouped": _grouped_batch, "feedback": _feedback_batch}[make]()
     floors = None if floor is None else {"teacher": dict(floor)}  # shapes held above what the batch needs
     mb = {**batch, **shared_prompt_inputs(batch, packing=packing, floors=floors)}
-    if floor is not None:
+    assert ("prefix/teacher/tokens_HT" in mb) == (make == "feedback")
+    if floor is not None and make == "grouped":
         assert mb["prefix/teacher/tokens_RT"].shape == (16, 40)
+    if floor is not None and make == "feedback":
+        assert mb["prefix/teacher/tokens_HT"].shape == (8, 128) and mb["prefix/teacher/tokens_RT"].shape == (8, 48)
     model = nnx.merge(graphdef, params)
     packed_BCD = jax.jit(lambda mb: _shared_prefix_hidden(model, mb, "teacher", batch["completion_mask_BC"].shape))(mb)
     full_BTD = model.hidden_states(jnp.asarray(batch["teacher_tokens_BU"]), jnp.asarray(batch["teacher_positions_BU"]))

@@ -361,7 +361,7 @@ def _grouped_batch(problems=3, generations=3, seed=7):
     return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
 
 
-def _feedback_batch(problems=3, generations=3, seed=11):
+def _feedback_batch(problems=4, generations=8, seed=11):
     """P problems x G samples whose teacher prompts are a long common head per problem (the prompt and a
     demonstration) followed by each row's own context (its attempt and the checker's feedback), as checker
     feedback builds them: row 0 of a problem solved it and takes no FD loss (its teacher prompt is the
@@ -386,17 +386,17 @@ def _feedback_batch(problems=3, generations=3, seed=11):
 
 def test_teacher_prompt_heads_layout():
     """The teacher prompts of a problem's rows run their common head once and each row's own tail against it
-    (3 heads, padded to 4, of 96 slots; 6 tails of 32), where that computes fewer tokens than whole prompts
-    (8 x 128); prompts alike to their end, or `heads=False`, keep whole prompts; a run that split them
-    keeps splitting (the shapes of its programs)."""
+    (4 heads of 96 slots, 28 tails of 32, padded to 32 rows), where that computes at most half the tokens
+    of whole prompts (32 x 96); prompts alike to their end, or `heads=False`, keep whole prompts; a run
+    that split them keeps splitting (the shapes of its programs)."""
     from fd_jax.rl.step import shared_prompt_inputs
 
     batch = _feedback_batch()
     layout = shared_prompt_inputs(batch)
     assert layout["prefix/teacher/tokens_HT"].shape == (4, 96)
-    assert layout["prefix/teacher/tokens_RT"].shape == (8, 32)
+    assert layout["prefix/teacher/tokens_RT"].shape == (32, 32)
     head_R, tails = layout["prefix/teacher/head_R"], layout["prefix/teacher/positions_RT"]
-    assert list(head_R[:6]) == [0, 0, 1, 1, 2, 2]
+    assert list(head_R[:28]) == [h for h in range(4) for _ in range(7)]  # 7 distilled rows per problem
     heads = layout["prefix/teacher/tokens_HT"]
     head_len = (layout["prefix/teacher/positions_HT"] >= 0).sum(1)
     for b in np.flatnonzero(batch["distill_mask_B"]):  # head + tail is the row's prompt minus its last token
@@ -408,6 +408,8 @@ def test_teacher_prompt_heads_layout():
                                       batch["teacher_tokens_BU"][b, :n])
     assert "prefix/student/tokens_HT" not in layout  # one prompt per problem: nothing to split
     assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(batch, heads=False)
+    few = {**batch, "distill_mask_B": batch["distill_mask_B"] * (np.arange(32) % 8 < 3)}  # 8 tails: too few
+    assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(few)
     alike = _grouped_batch()  # a problem's teacher prompts: the same demonstration, so one prompt each
     floors: dict = {}
     assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(alike, floors={})
@@ -431,7 +433,7 @@ def test_shared_prompts_give_the_same_step(setup, cfg, make):
     graphdef, params, _ = setup
     batch = {"grouped": _grouped_batch, "feedback": _feedback_batch}[make]()
     layout = shared_prompt_inputs(batch)
-    assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 distinct prompts, padded to a power of two
+    assert layout["prefix/student/tokens_RT"].shape[0] == 4  # 3 or 4 distinct prompts: a power of two
     teacher_rows = [sorted(set(r) - {-1}) for r in layout["prefix/teacher/row_JM"]]
     if make == "grouped":
         # A prompt's completions back to back in one packed row (4 x 16 tokens < 9 rows x C = 8): the padding
@@ -441,8 +443,8 @@ def test_shared_prompts_give_the_same_step(setup, cfg, make):
         assert ([sorted(set(r) - {-1}) for r in layout["prefix/student/row_JM"]]
                 == [[0, 1, 2], [3, 4, 5], [6, 7, 8], []])
         assert teacher_rows == [[1, 2], [4, 5], [7, 8], []]
-    else:  # the 6 rows that take the FD loss, each its own teacher prompt (one head per problem): own rows
-        assert sorted(r for rows in teacher_rows for r in rows) == [1, 2, 4, 5, 7, 8]
+    else:  # the 28 rows that take the FD loss, each its own teacher prompt (one head per problem): own rows
+        assert sorted(r for rows in teacher_rows for r in rows) == [b for b in range(32) if b % 8]
         assert all(len(rows) <= 1 for rows in teacher_rows)
     assert ("prefix/teacher/tokens_HT" in layout) == (make == "feedback")
     results = []
@@ -533,7 +535,7 @@ def test_shared_prefix_hidden_states_equal_full_forward(setup, packing, floor, m
     if floor is not None and make == "grouped":
         assert mb["prefix/teacher/tokens_RT"].shape == (16, 40)
     if floor is not None and make == "feedback":
-        assert mb["prefix/teacher/tokens_HT"].shape == (8, 128) and mb["prefix/teacher/tokens_RT"].shape == (8, 48)
+        assert mb["prefix/teacher/tokens_HT"].shape == (8, 128) and mb["prefix/teacher/tokens_RT"].shape == (32, 48)
     model = nnx.merge(graphdef, params)
     packed_BCD = jax.jit(lambda mb: _shared_prefix_hidden(model, mb, "teacher", batch["completion_mask_BC"].shape))(mb)
     full_BTD = model.hidden_states(jnp.asarray(batch["teacher_tokens_BU"]), jnp.asarray(batch["teacher_positions_BU"]))

@@ -92,7 +92,7 @@ class StepConfig:
                                "grows)", choices=PROMPT_PACKINGS)
     prompt_heads: bool = knob(True, "share_prompts: the teacher prompts of a problem's rows (which differ from "
                               "the row's own attempt and feedback on) run their common head once and each "
-                              "one's tail against it, where that computes at most half the tokens (exact)")
+                              "one's tail against it, where that computes fewer tokens (exact)")
     packing_frame: float = knob(0.75, "prompt_packing=auto: the frame's size as a share of the batch's completion "
                                 "slots (rows x C); a batch whose completions need more runs one row per "
                                 "completion", check=(lambda f: 0.0 < f < 1.0, "must be in (0, 1)"))

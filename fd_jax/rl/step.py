@@ -194,11 +194,9 @@ def _prefix_ids(tokens_BS, prefix_len_B, live_B) -> np.ndarray:
 
 def _head_layout(prefixes: list, groups: list[int], rows: int, multiple: int, floor: dict, dtype) -> dict | None:
     """The two-level prompts of `_prefix_layout`: each group's longest common prefix (head) once, each prefix
-    as the tail past it. None where that computes more than half the prompt tokens of whole prefixes,
-    counted at their padded shapes, and the run has not split heads yet: two levels cost a cache gather
-    and, when first taken, one more compiled program of the step, which a small saving does not repay
-    (the FD step of `benchmarks/vs_trl.py` with a solved sibling and no feedback: no faster, one more
-    compilation)."""
+    as the tail past it. None where that computes no fewer prompt tokens than whole prefixes, counted at
+    their padded shapes, and the run has not split heads yet. (The first batch that takes them compiles one
+    more program of the step: a one-off cost that any saving repays over a run.)"""
     from fd_jax.rl.batch import bucket_length
 
     head_len_R = np.array([len(x) for x in prefixes], int)
@@ -216,7 +214,7 @@ def _head_layout(prefixes: list, groups: list[int], rows: int, multiple: int, fl
     tail_len = max(bucket_length(max(1, max((len(x) - n for x, n in zip(prefixes, head_len_R)), default=1)),
                                  multiple), floor.get("tail_length", 0))
     whole = max(bucket_length(max(1, max((len(x) for x in prefixes), default=1)), multiple), floor.get("length", 0))
-    if "tail_length" not in floor and 2 * (n_heads * head_len + rows * tail_len) > rows * whole:
+    if "tail_length" not in floor and n_heads * head_len + rows * tail_len >= rows * whole:
         return None
     floor.update(heads=n_heads, head_length=head_len, tail_length=tail_len)
     out = {"tokens_HT": np.zeros((n_heads, head_len), dtype),

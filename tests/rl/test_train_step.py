@@ -386,9 +386,9 @@ def _feedback_batch(problems=4, generations=8, seed=11):
 
 def test_teacher_prompt_heads_layout():
     """The teacher prompts of a problem's rows run their common head once and each row's own tail against it
-    (4 heads of 96 slots, 28 tails of 32, padded to 32 rows), where that computes at most half the tokens
-    of whole prompts (32 x 96); prompts alike to their end, or `heads=False`, keep whole prompts; a run
-    that split them keeps splitting (the shapes of its programs)."""
+    (4 heads of 96 slots, 28 tails of 32, padded to 32 rows), where that computes fewer tokens than whole
+    prompts (32 x 96); prompts alike to their end, or `heads=False`, keep whole prompts; a run that split
+    them keeps splitting (the shapes of its programs)."""
     from fd_jax.rl.step import shared_prompt_inputs
 
     batch = _feedback_batch()
@@ -408,8 +408,10 @@ def test_teacher_prompt_heads_layout():
                                       batch["teacher_tokens_BU"][b, :n])
     assert "prefix/student/tokens_HT" not in layout  # one prompt per problem: nothing to split
     assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(batch, heads=False)
-    few = {**batch, "distill_mask_B": batch["distill_mask_B"] * (np.arange(32) % 8 < 3)}  # 8 tails: too few
-    assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(few)
+    one = {**batch, "distill_mask_B": batch["distill_mask_B"] * (np.arange(32) % 8 == 1)}  # one per problem
+    assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(one)  # nothing shared: 4 x 96 + 4 x 32 > 4 x 96
+    two = {**batch, "distill_mask_B": batch["distill_mask_B"] * (np.arange(32) % 8 < 3)}  # two per problem
+    assert "prefix/teacher/tokens_HT" in shared_prompt_inputs(two)  # 4 x 96 + 8 x 32 < 8 x 96
     alike = _grouped_batch()  # a problem's teacher prompts: the same demonstration, so one prompt each
     floors: dict = {}
     assert "prefix/teacher/tokens_HT" not in shared_prompt_inputs(alike, floors={})

@@ -339,18 +339,22 @@ def test_shared_prompts_ignore_the_widths_of_the_full_rows(setup):
         np.testing.assert_allclose(float(unshared[key]), float(first[key]), rtol=2e-5, atol=1e-7, err_msg=key)
 
 
-def _grouped_batch(problems=3, generations=3, seed=7):
-    """P problems x G samples: the G rows of a problem share the student prompt; their teacher prompts take
-    two values per problem (a demonstration, or none: the student prompt, and then no FD loss), as
-    run_rollout builds them."""
+def _problem_batch(problems, generations, seed, prompt, context, own=None):
+    """P problems x G samples: the G rows of a problem share the student prompt (`prompt`: its length range).
+    Row 0 of a problem takes no FD loss (its teacher prompt is the student's); the others' teacher prompt is
+    the student's with the problem's context (a demonstration), then, with `own`, a context of the row's own
+    (its attempt and the checker's feedback): as run_rollout builds them."""
     rng = np.random.default_rng(seed)
     student, teacher, completions = [], [], []
     for _ in range(problems):
-        prompt = list(rng.integers(1, 61, rng.integers(3, 9)))
-        demo = prompt + list(rng.integers(1, 61, rng.integers(2, 6)))
+        student_prompt = list(rng.integers(1, 61, rng.integers(*prompt)))
+        shared = student_prompt + list(rng.integers(1, 61, rng.integers(*context)))
         for g in range(generations):
-            student.append(prompt)
-            teacher.append(prompt if g == 0 else demo)
+            student.append(student_prompt)
+            if g == 0:
+                teacher.append(student_prompt)
+            else:
+                teacher.append(shared + ([] if own is None else list(rng.integers(1, 61, rng.integers(*own)))))
             completions.append(list(rng.integers(1, 61, rng.integers(1, 7))))
     rows = problems * generations
     batch = pack_train_batch(
@@ -361,27 +365,15 @@ def _grouped_batch(problems=3, generations=3, seed=7):
     return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
 
 
-def _feedback_batch(problems=4, generations=8, seed=11):
-    """P problems x G samples whose teacher prompts are a long common head per problem (the prompt and a
-    demonstration) followed by each row's own context (its attempt and the checker's feedback), as checker
-    feedback builds them: row 0 of a problem solved it and takes no FD loss (its teacher prompt is the
-    student's), the others each have a teacher prompt of their own."""
-    rng = np.random.default_rng(seed)
-    student, teacher, completions = [], [], []
-    for _ in range(problems):
-        prompt = list(rng.integers(1, 61, rng.integers(30, 40)))
-        head = prompt + list(rng.integers(1, 61, rng.integers(30, 45)))
-        for g in range(generations):
-            student.append(prompt)
-            teacher.append(prompt if g == 0 else head + list(rng.integers(1, 61, rng.integers(3, 12))))
-            completions.append(list(rng.integers(1, 61, rng.integers(1, 7))))
-    rows = problems * generations
-    batch = pack_train_batch(
-        student_prompts=student, teacher_prompts=teacher, completions=completions,
-        old_logprobs=[list(rng.normal(-4.0, 0.3, len(c))) for c in completions], rewards_B=np.zeros(rows),
-        advantages_B=rng.normal(size=rows), distill_mask_B=np.array([t != p for t, p in zip(teacher, student)], float),
-        pad_id=0, pad_multiple=8)
-    return {k: np.asarray(v) for k, v in dataclasses.asdict(batch).items()}
+def _grouped_batch():
+    """3 problems x 3 rows: a problem's teacher prompts take two values (none, or the demonstration)."""
+    return _problem_batch(3, 3, seed=7, prompt=(3, 9), context=(2, 6))
+
+
+def _feedback_batch():
+    """4 x 8 rows, as checker feedback builds them: a long common head per problem (the prompt and a
+    demonstration), then each distilled row's own attempt and feedback, so each its own teacher prompt."""
+    return _problem_batch(4, 8, seed=11, prompt=(30, 40), context=(30, 45), own=(3, 12))
 
 
 def test_teacher_prompt_heads_layout():

@@ -146,8 +146,8 @@ def _prefix_layout(tokens_BS, index_BC, mask_BC, *, multiple: int = 32, packing:
     floor = {} if floor is None else floor
     rows = max(_bucket_rows(max(1, len(first))), floor.get("rows", 0))
     floor["rows"] = rows
-    groups = None if group_B is None else [int(np.asarray(group_B)[first[r]]) for r in range(len(first))]
-    out = _head_layout(prefixes, groups, rows, multiple, floor, tokens_BS.dtype) if groups is not None else None
+    out = None if group_B is None else _head_layout(
+        prefixes, [int(group_B[first[r]]) for r in range(len(first))], rows, multiple, floor, tokens_BS.dtype)
     if out is None:
         longest = max((len(x) for x in prefixes), default=1)
         length = max(bucket_length(max(1, longest), multiple), floor.get("length", 0))
@@ -326,18 +326,14 @@ def _shared_prefix_hidden(model, mb, family: str, shape_BC: tuple[int, int]):
     get = lambda k: mb[f"{PREFIX}{family}/{k}"]  # noqa: E731
     take = lambda cache, rows: jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)  # noqa: E731
     tokens_RT, row_JM, col_JM = get("tokens_RT"), get("row_JM"), get("col_JM")
-    m = row_JM.shape[1]
-    if f"{PREFIX}{family}/tokens_HT" in mb:  # two levels: the heads, then each prefix's tail against its head
-        tokens_HT = get("tokens_HT")
-        h = tokens_HT.shape[1]
-        cache = model.init_cache(tokens_HT.shape[0], h + tokens_RT.shape[1] + m)
-        _, cache = model.cached_hidden_states(tokens_HT, get("positions_HT"), cache, 0)
-        _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), take(cache, get("head_R")), h)
-    else:
-        h = 0
-        cache = model.init_cache(tokens_RT.shape[0], tokens_RT.shape[1] + m)
-        _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, 0)
+    heads = f"{PREFIX}{family}/tokens_HT" in mb  # two levels: the heads, then each prefix's tail against its head
+    h = get("tokens_HT").shape[1] if heads else 0
     t = h + tokens_RT.shape[1]
+    cache = model.init_cache((get("tokens_HT") if heads else tokens_RT).shape[0], t + row_JM.shape[1])
+    if heads:
+        _, cache = model.cached_hidden_states(get("tokens_HT"), get("positions_HT"), cache, 0)
+        cache = take(cache, get("head_R"))
+    _, cache = model.cached_hidden_states(tokens_RT, get("positions_RT"), cache, h)
     cache = take(cache, get("prefix_J"))
     # Visible: the prefix (its real tokens) and the suffix tokens of the same batch row at earlier or equal
     # columns. Padding tokens (row -1) see the prefix and each other: they are dropped below.
